@@ -1,0 +1,12 @@
+"""Thin V3 nodes, one module per domain. ``NODES`` lists every node the pack registers."""
+from . import faces, fusion, guidance, landmarks, loaders, masks, reference
+
+NODES = [
+    *loaders.NODES,
+    *faces.NODES,
+    *reference.NODES,
+    *guidance.NODES,
+    *fusion.NODES,
+    *masks.NODES,
+    *landmarks.NODES,
+]

@@ -1,0 +1,2 @@
+"""fusion nodes."""
+NODES = []

@@ -1,0 +1,2 @@
+"""guidance nodes."""
+NODES = []

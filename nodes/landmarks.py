@@ -1,0 +1,2 @@
+"""landmarks nodes."""
+NODES = []

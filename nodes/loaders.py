@@ -1,0 +1,2 @@
+"""loaders nodes."""
+NODES = []

@@ -1,0 +1,2 @@
+"""reference nodes."""
+NODES = []
