@@ -1,9 +1,10 @@
 """Thin V3 nodes, one module per domain. ``NODES`` lists every node the pack registers."""
-from . import faces, fusion, guidance, landmarks, loaders, masks, reference
+from . import faces, fusion, guidance, identity, landmarks, loaders, masks, reference
 
 NODES = [
     *loaders.NODES,
     *faces.NODES,
+    *identity.NODES,
     *reference.NODES,
     *guidance.NODES,
     *fusion.NODES,

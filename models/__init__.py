@@ -1,0 +1,1 @@
+"""Networks and weights: reference passes, checkpoint conversion, face analysis, caches."""
