@@ -1,2 +1,283 @@
-"""reference nodes."""
-NODES = []
+"""Reference nodes: encode references into features, combine identities, patch the MODEL
+with reference attention (FlashFace trained or training-free)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from . import types
+from .unet_blocks import (DECODER, SELECTIONS, attn1_replace, block_table, get_option, require_unet,
+                          select_blocks, set_apply_model_wrapper, set_attn1_replace, set_option, transformer_blocks)
+
+logger = logging.getLogger("IDFusion")
+
+AUTO = "auto (FlashFace: decoder)"
+OUTSIDE_CHOICES = ("all", "none")
+
+
+def disk_cache_folder() -> str:
+    return os.path.join(folder_paths.get_user_directory(), "idfusion", "feature_cache")
+
+
+def _reference_crops(images, identity) -> tuple[torch.Tensor, str]:
+    if (images is None) == (identity is None):
+        raise ValueError("IDFusionFaceFeatures: connect exactly one of 'images' (an IMAGE batch of face crops) "
+                         "or 'identity' (from 'IDFusion Identity')")
+    if identity is not None:
+        return identity.crops, identity.label
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"IDFusionFaceFeatures: 'images' is an empty or malformed batch (shape {tuple(images.shape)}); "
+                         f"connect 1 or more face crops")
+    if images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"IDFusionFaceFeatures: 'images' must be an IMAGE [N, H, W, C], got shape {tuple(images.shape)}")
+    if images.shape[-1] == 1:
+        images = images.expand(-1, -1, -1, 3)
+    return images, "identity"
+
+
+def null_context(clip, model_patcher, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The empty prompt's context [1, T, D] (FlashFace's reference context) and the ADM vector."""
+    tokens = clip.tokenize("")
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    context = out.pop("cond").float().cpu()
+    base = model_patcher.model
+    y = base.encode_adm(pooled_output=out.get("pooled_output"), width=size, height=size, crop_w=0, crop_h=0,
+                        target_width=size, target_height=size, device="cpu", **{k: v for k, v in out.items() if k != "pooled_output"})
+    expected = next(iter(transformer_blocks(base.diffusion_model).values())).attn2.to_k.weight.shape[1]
+    if context.shape[-1] != expected:
+        raise ValueError(f"IDFusionFaceFeatures: 'clip' gives {context.shape[-1]}-wide text features but the model expects "
+                         f"{expected}; connect the CLIP of the same checkpoint")
+    return context, (None if y is None else y.float().cpu())
+
+
+class FaceFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDFusionFaceFeatures",
+            display_name="IDFusion Face Features",
+            category="IDFusion/reference",
+            description="Encodes one person's reference faces for reference attention and fused keys/values. "
+                        "During sampling, one reference pass per step (with the empty prompt) collects the "
+                        "reference features; they are cached by content, so repeated runs skip the passes.",
+            inputs=[
+                types.ReferenceNet.Input("reference_net", tooltip="From 'IDFusion ReferenceNet Loader'."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes the reference crops to clean latents."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the empty prompt the reference pass runs with."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Face crops of ONE person (1–N). Padded to square and resized. Or use 'identity'."),
+                types.Identity.Input("identity", optional=True, tooltip="An identity from 'IDFusion Identity' (instead of 'images')."),
+                io.Int.Input("size", default=224, min=64, max=1024, step=8,
+                             tooltip="Reference crop size in pixels (FlashFace: 224, i.e. 28×28 latents)."),
+                io.Boolean.Input("disk_cache", default=False,
+                                 tooltip="Also keep reference features on disk (ComfyUI user folder), so a re-run "
+                                         "after a restart skips the reference passes."),
+            ],
+            outputs=[types.ReferenceFeatures.Output(display_name="FEATURES",
+                                                    tooltip="Feed to 'IDFusion Reference Attention' or 'IDFusion Fused KV'.")],
+        )
+
+    @classmethod
+    def execute(cls, reference_net, vae, clip, size, disk_cache, images=None, identity=None) -> io.NodeOutput:
+        from ..models.feature_cache import DiskCache
+        from ..models.references import ReferenceFeatures, ReferenceIdentity, prepare_crops
+
+        crops, label = _reference_crops(images, identity)
+        crops = prepare_crops(crops, size)
+        base = reference_net.model_patcher.model
+        latents = vae.encode(crops)
+        channels = base.latent_format.latent_channels
+        if latents.shape[1] != channels:
+            raise ValueError(f"IDFusionFaceFeatures: 'vae' makes {latents.shape[1]}-channel latents but the model uses "
+                             f"{channels}; connect the VAE of the same model family")
+        latents = base.latent_format.process_in(latents.float()).cpu()
+        context, y = null_context(clip, reference_net.model_patcher, size)
+        ident = ReferenceIdentity(label, latents, context, y, DiskCache(disk_cache_folder()) if disk_cache else None)
+        logger.info("IDFusion: %d reference crop(s) of '%s' encoded at %d px", ident.count, label, size)
+        return io.NodeOutput(ReferenceFeatures(reference_net, (ident,), (1.0,)))
+
+
+class CombineIdentities(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        slots = []
+        for i in range(1, 5):
+            optional = i > 2
+            slots += [
+                types.ReferenceFeatures.Input(f"features_{i}", optional=optional,
+                                              tooltip=f"Identity {i} (from 'IDFusion Face Features')."
+                                                      + (" Optional." if optional else "")),
+                io.Float.Input(f"weight_{i}", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip=f"Mixing weight of identity {i} (weights are normalised to sum 1). "
+                                       f"With identity masks, identity {i} is mask {i}."),
+            ]
+        return io.Schema(
+            node_id="IDFusionCombineIdentities",
+            display_name="IDFusion Combine Identities",
+            category="IDFusion/reference",
+            description="Several identities in one set: mixed by weight (FlashFace identity mixing), one per batch "
+                        "item, or one per region with identity masks. Order = identity index.",
+            inputs=slots,
+            outputs=[types.ReferenceFeatures.Output(display_name="FEATURES", tooltip="The combined identities, in input order.")],
+        )
+
+    @classmethod
+    def execute(cls, weight_1, weight_2, weight_3, weight_4, features_1, features_2,
+                features_3=None, features_4=None) -> io.NodeOutput:
+        from ..models.references import ReferenceFeatures
+
+        given = [(f, w) for f, w in ((features_1, weight_1), (features_2, weight_2),
+                                      (features_3, weight_3), (features_4, weight_4)) if f is not None]
+        refnet = given[0][0].refnet
+        identities, weights = [], []
+        for index, (feats, weight) in enumerate(given, start=1):
+            if feats.refnet is not refnet:
+                raise ValueError(f"IDFusionCombineIdentities: features_{index} comes from a different ReferenceNet than "
+                                 f"features_1; encode every identity with the same 'IDFusion ReferenceNet Loader'")
+            mix = feats.mix()
+            identities += feats.identities
+            weights += [weight * float(w) for w in mix]
+        if sum(weights) <= 0:
+            raise ValueError("IDFusionCombineIdentities: all weights are 0; give at least one identity a weight > 0")
+        return io.NodeOutput(ReferenceFeatures(refnet, tuple(identities), tuple(weights)))
+
+
+def build_routing(node: str, features, identity_mode, identity_masks, outside, region=None):
+    from ..models.engine import MODE_REGION, Routing
+
+    if identity_mode == MODE_REGION:
+        if identity_masks is None:
+            raise ValueError(f"{node}: identity_mode is '{MODE_REGION}' but 'identity_masks' is not connected; "
+                             f"connect 'IDFusion Multi-ID Masks'")
+        if identity_masks.count != features.count:
+            raise ValueError(f"{node}: 'identity_masks' has {identity_masks.count} region(s) but 'features' has "
+                             f"{features.count} identit{'y' if features.count == 1 else 'ies'}; give one mask per identity, "
+                             f"in the same order")
+        return Routing(MODE_REGION, identity_masks.masks, outside, region)
+    if identity_masks is not None:
+        raise ValueError(f"{node}: 'identity_masks' is connected but identity_mode is '{identity_mode}'; "
+                         f"choose '{MODE_REGION}' or disconnect the masks")
+    return Routing(identity_mode, None, outside, region)
+
+
+def check_position_mask(node: str, mask):
+    if mask is None:
+        return None
+    if mask.ndim == 3:
+        if mask.shape[0] != 1 and not all(torch.equal(mask[0], m) for m in mask[1:]):
+            raise ValueError(f"{node}: 'position_mask' holds {mask.shape[0]} different masks; give one mask for the image")
+        mask = mask[0]
+    if mask.ndim != 2 or min(mask.shape) < 8:
+        raise ValueError(f"{node}: 'position_mask' must be one MASK at the image size, got shape {tuple(mask.shape)}")
+    return (mask > 0.5).float().cpu()
+
+
+class ReferenceAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ..models.engine import IDENTITY_MODES, MODE_MIX
+        return io.Schema(
+            node_id="IDFusionReferenceAttention",
+            display_name="IDFusion Reference Attention",
+            category="IDFusion/reference",
+            description="Patches a clone of the MODEL so its self-attention also attends over the reference faces "
+                        "(FlashFace). FlashFace weights: x += λ·A′(y, [y, refs]) + (1−λ)·A′(y, y) on the middle and "
+                        "decoder blocks. Training-free: self-attention becomes (1−λ)·Attn(y, y) + λ·Attn(y, [y, refs]).",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL to patch (FlashFace: the MODEL from the ReferenceNet loader)."),
+                types.ReferenceFeatures.Input("features", tooltip="From 'IDFusion Face Features' or 'IDFusion Combine Identities'."),
+                io.Float.Input("strength", default=0.85, min=0.0, max=2.0, step=0.01,
+                               tooltip="λ_feat. FlashFace paper: 0.75–1 (default 0.85); official demo up to 1.2. "
+                                       "0 = no reference."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the reference starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the reference stops."),
+                io.Combo.Input("blocks", options=[AUTO, *SELECTIONS], default=AUTO,
+                               tooltip="Which transformer blocks attend to the references. FlashFace weights exist "
+                                       "for the decoder (middle + output) only."),
+                io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
+                               tooltip="Several identities: mix them by weight everywhere, one per batch item, or "
+                                       "one per region (needs identity_masks)."),
+                io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
+                               tooltip="By region: queries outside every region attend to all identities (mixed "
+                                       "by weight) or to none."),
+                types.IdentityMasks.Input("identity_masks", optional=True,
+                                          tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
+                io.Mask.Input("position_mask", optional=True,
+                              tooltip="Where the face goes, at the image size. FlashFace weights: the UNet's "
+                                      "face-position channel. Training-free: references apply only inside."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+        )
+
+    @classmethod
+    def execute(cls, model, features, strength, start_percent, end_percent, blocks, identity_mode, outside,
+                identity_masks=None, position_mask=None) -> io.NodeOutput:
+        from ..models.engine import PLAN, POSITION, Plan, Spec, apply_model_wrapper
+        from ..models.references import FLASHFACE
+
+        node = "IDFusionReferenceAttention"
+        require_unet(model, node)
+        if start_percent > end_percent:
+            raise ValueError(f"{node}: start_percent ({start_percent}) is after end_percent ({end_percent})")
+        mask = check_position_mask(node, position_mask)
+        flashface = features.refnet.kind == FLASHFACE
+        routing = build_routing(node, features, identity_mode, identity_masks, outside, None if flashface else mask)
+        m = model.clone()
+        table = block_table(m)
+        if flashface:
+            patch = find_flashface_patch(m)
+            if patch is None:
+                raise ValueError(f"{node}: 'features' were encoded with FlashFace weights, but 'model' is not the "
+                                 f"FlashFace MODEL; connect the MODEL output of the ReferenceNet Loader that loaded them")
+            if blocks not in (AUTO, DECODER):
+                raise ValueError(f"{node}: FlashFace's extra attention exists on the decoder only; set blocks to "
+                                 f"'{AUTO}' or '{DECODER}'")
+            spec = Spec("reference", features, tuple(sorted(patch.blocks, key=table.index)), "attn1", strength,
+                        start_percent, end_percent, routing)
+            replace_flashface_patch(m, patch, patch.with_spec(spec))
+            if mask is not None:
+                set_option(m, POSITION, mask)
+        else:
+            selected = select_blocks(table, DECODER if blocks == AUTO else blocks)
+            spec = Spec("reference", features, selected, "attn1", strength, start_percent, end_percent, routing)
+            patch_training_free(m, spec)
+        set_option(m, PLAN, (get_option(m, PLAN) or Plan()).with_spec(spec))
+        set_apply_model_wrapper(m, apply_model_wrapper)
+        return io.NodeOutput(m)
+
+
+def patch_training_free(m, spec) -> None:
+    from ..models.patches import TrainingFreeReference
+
+    modules = transformer_blocks(m.model.diffusion_model)
+    for key in spec.blocks:
+        existing = attn1_replace(m, key)
+        if isinstance(existing, TrainingFreeReference):
+            patch = existing.with_spec(spec)
+        else:
+            if existing is not None:
+                logger.warning("IDFusion: replacing another node's self-attention patch on block %s", key)
+            patch = TrainingFreeReference(key, modules[key].attn1, (spec,))
+        set_attn1_replace(m, patch, key)
+
+
+def find_flashface_patch(m):
+    from ..models.patches import FlashFaceAttention
+    patches = m.model_options.get("transformer_options", {}).get("patches", {})
+    return next((p for p in patches.get("attn1_output_patch", []) if isinstance(p, FlashFaceAttention)), None)
+
+
+def replace_flashface_patch(m, old, new) -> None:
+    """Swap FlashFace's patch pair (capture, output) on a clone for one with another spec."""
+    patches = m.model_options["transformer_options"]["patches"]
+    patches["attn1_output_patch"] = [new if p is old else p for p in patches["attn1_output_patch"]]
+    patches["attn1_patch"] = [new.capture if getattr(p, "__self__", None) is old else p for p in patches["attn1_patch"]]
+
+
+NODES = [FaceFeatures, CombineIdentities, ReferenceAttention]

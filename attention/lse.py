@@ -1,0 +1,111 @@
+"""Attention that also returns the log-sum-exp of its scores.
+
+Two attentions over disjoint key sets, ``(O_a, L_a)`` and ``(O_b, L_b)``, merge into the
+attention over the union of their keys without recomputing anything:
+
+    Attn(q, [a; b]) = σ(L_a − L_b)·O_a + σ(L_b − L_a)·O_b
+
+which is how the λ-blend of reference attention costs one attention over the
+concatenated keys instead of two full attentions.
+
+Layout follows ComfyUI's attention functions: q, k, v are ``[B, L, H·D]``; the outputs are
+``out [B, Lq, H·D]`` and ``lse [B, H, Lq]`` (natural log, float32).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+logger = logging.getLogger("IDFusion")
+
+#: Queries per chunk in the plain-torch fallback (bounds its [chunk, Lk] score matrix).
+FALLBACK_QUERY_CHUNK = 1024
+_warned: set[str] = set()
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference implementation on ``[B, H, L, D]`` tensors, chunked over queries."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    outs, lses = [], []
+    for start in range(0, q.shape[2], FALLBACK_QUERY_CHUNK):
+        qc = q[:, :, start:start + FALLBACK_QUERY_CHUNK].float()
+        scores = torch.matmul(qc, k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        outs.append(torch.matmul(probs, v.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _cpu_kernel(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse
+
+
+def _cuda_kernel(q, k, v):
+    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    return out, lse[:, :, :q.shape[2]]
+
+
+def _kernel_for(device: torch.device):
+    if device.type == "cpu":
+        return _cpu_kernel
+    if device.type == "cuda":
+        return _cuda_kernel
+    return None
+
+
+def attention_lse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with log-sum-exp on ``[B, H, L, D]`` tensors: ``(out [B,H,Lq,D], lse [B,H,Lq])``.
+
+    Uses torch's fused kernels that expose the log-sum-exp (CPU flash, CUDA flash or
+    memory-efficient); any other device, or a kernel that refuses the input, falls back to
+    a chunked plain-torch computation (logged once per reason).
+    """
+    kernel = _kernel_for(q.device)
+    if kernel is not None:
+        try:
+            out, lse = kernel(q.contiguous(), k.contiguous(), v.contiguous())
+            if out.shape == q.shape[:3] + (v.shape[-1],) and lse.shape == q.shape[:3]:
+                return out, lse.float()
+            reason = f"unexpected kernel output shapes {tuple(out.shape)}, {tuple(lse.shape)}"
+        except RuntimeError as err:
+            reason = f"{q.device.type} {q.dtype} kernel refused: {err}".splitlines()[0]
+        if reason not in _warned:
+            _warned.add(reason)
+            logger.warning("IDFusion attention: falling back to plain torch (%s)", reason)
+    return attention_lse_math(q, k, v)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with log-sum-exp on ComfyUI's ``[B, L, H·D]`` layout.
+
+    Returns ``out [B, Lq, H·D]`` and ``lse [B, H, Lq]``. k and v may have batch 1 while q has
+    batch B (shared keys, e.g. reference features): they are broadcast.
+    """
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    if kh.shape[0] != qh.shape[0]:
+        kh = kh.expand(qh.shape[0], -1, -1, -1)
+        vh = vh.expand(qh.shape[0], -1, -1, -1)
+    out, lse = attention_lse_heads(qh, kh, vh)
+    return _merge_heads(out), lse
+
+
+def merge_weight(lse_self: torch.Tensor, lse_other: torch.Tensor) -> torch.Tensor:
+    """σ(L_other − L_self): the share of attention mass the other keys take in the union."""
+    return torch.sigmoid(lse_other - lse_self)

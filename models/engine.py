@@ -1,0 +1,300 @@
+"""Sampling-time engine: what a patched MODEL needs at every UNet call.
+
+A patch node adds a ``Spec`` (which identities, which blocks, which features, how strong,
+when, routed how) to the MODEL's ``Plan`` (kept in ``transformer_options``). One wrapper
+around ``BaseModel._apply_model`` then, for each call:
+
+1. feeds FlashFace's face-position channel when the UNet has one extra input channel;
+2. for the specs active at this sigma, gets each identity's reference features for the
+   current timestep — from the cache, or by one reference pass per identity for the union
+   of the features all specs need — and moves them to the device once;
+3. works out, per batch row, which rows get references (the guider may give them to one
+   branch only) and λ;
+
+and leaves it in ``transformer_options["idfusion_call"]`` for the attention patches.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .feature_cache import FEATURE_CACHE, CacheKey, FeatureKey, Features
+from .references import FLASHFACE, ReferenceFeatures, ReferenceIdentity, Shared
+from .reference_pass import reference_forward
+
+logger = logging.getLogger("IDFusion")
+
+PLAN = "idfusion_plan"
+CALL = "idfusion_call"
+GUIDANCE = "idfusion_guidance"
+POSITION = "idfusion_position_mask"
+
+MODE_MIX = "mix (weights)"
+MODE_PER_ITEM = "per batch item"
+MODE_REGION = "by region (identity masks)"
+IDENTITY_MODES = (MODE_MIX, MODE_PER_ITEM, MODE_REGION)
+
+
+@dataclass(frozen=True, eq=False)
+class Routing(Shared):
+    """How queries pick identities. masks: [M, H, W] at image size (MODE_REGION); region:
+    [H, W] or [B, H, W] where references apply at all (None = everywhere)."""
+
+    mode: str = MODE_MIX
+    masks: torch.Tensor | None = None
+    outside: str = "all"
+    region: torch.Tensor | None = None
+    _alpha: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Spec(Shared):
+    """One patch node's request. kind: ``reference`` (reference attention) or ``fused_kv``."""
+
+    kind: str
+    features: ReferenceFeatures
+    blocks: tuple
+    feature_kind: str
+    strength: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    routing: Routing = field(default_factory=Routing)
+
+    def needs(self) -> set[FeatureKey]:
+        return {(b, self.feature_kind) for b in self.blocks}
+
+
+@dataclass(frozen=True, eq=False)
+class Plan(Shared):
+    specs: tuple[Spec, ...] = ()
+
+    def with_spec(self, spec: Spec) -> "Plan":
+        return Plan(self.specs + (spec,))
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Set by the reference guider per prediction: which cond indices get references
+    (None = all rows) and an optional λ that replaces every reference spec's strength."""
+
+    ref_conds: frozenset | None = None
+    strength: float | None = None
+
+
+@dataclass
+class SpecCall:
+    """A spec's state for one UNet call."""
+
+    spec: Spec
+    row_strength: torch.Tensor                                  # [B] λ (or weight) per row, 0 = off
+    refs: list[dict[FeatureKey, torch.Tensor]]                  # per identity: (block, kind) → [1, N·L, C]
+    latent_hw: tuple[int, int]
+    per_item: torch.Tensor | None = None                        # [B] identity index per row (MODE_PER_ITEM)
+    alphas: dict = field(default_factory=dict)                  # seq_len → α [B|1, L, M]
+
+
+@dataclass
+class CallState:
+    specs: dict[int, SpecCall]                                  # id(spec) → state
+
+    def get(self, spec: Spec) -> SpecCall | None:
+        return self.specs.get(id(spec))
+
+
+# --- weights identity ------------------------------------------------------------------------
+
+_fingerprints: dict[tuple, str] = {}
+
+
+def _sample_tensor(t: torch.Tensor, n: int = 4096) -> bytes:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // n)
+    return flat[::step][:n].float().cpu().numpy().tobytes()
+
+
+def weights_fingerprint(base_model, refnet_source: str) -> str:
+    """A stable id of the weights a reference pass runs with: samples of the UNet's tensors
+    (as loaded, LoRAs merged) plus the patcher's pending weight patches, and the ReferenceNet."""
+    patcher = getattr(base_model, "current_patcher", None)
+    uuid = getattr(patcher, "patches_uuid", None)
+    memo_key = (id(base_model), uuid, refnet_source)
+    if memo_key in _fingerprints:
+        return _fingerprints[memo_key]
+    h = hashlib.sha256(refnet_source.encode())
+    params = list(base_model.diffusion_model.named_parameters())
+    for name, p in params[:: max(1, len(params) // 24)]:
+        h.update(name.encode())
+        h.update(_sample_tensor(p))
+    for key in sorted(getattr(patcher, "patches", {}) or {}):
+        h.update(key.encode())
+        for patch in patcher.patches[key]:
+            h.update(repr(patch[0]).encode() + repr(patch[2]).encode())
+            value = patch[1]
+            tensors = [value] if torch.is_tensor(value) else [v for v in _flatten(value) if torch.is_tensor(v)]
+            for t in tensors:
+                h.update(_sample_tensor(t, 256))
+    digest = h.hexdigest()[:32]
+    _fingerprints[memo_key] = digest
+    return digest
+
+
+def _flatten(value):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    elif hasattr(value, "__dict__") and not torch.is_tensor(value):
+        yield from _flatten(list(vars(value).values()))
+    else:
+        yield value
+
+
+# --- reference features for one call ---------------------------------------------------------
+
+def _run_pass(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,
+              needed: set[FeatureKey], device, dtype) -> Features:
+    unet = base_model.diffusion_model
+    refnet = features.refnet
+    if refnet.kind == FLASHFACE:
+        ref_module = refnet.modules.module
+        input_blocks, output_blocks = ref_module.input_blocks, ref_module.output_blocks
+    else:
+        input_blocks, output_blocks = unet.input_blocks, unet.output_blocks
+    n = ident.count
+    x = ident.latents.to(device=device, dtype=dtype)
+    context = ident.context.to(device=device, dtype=dtype).expand(n, -1, -1)
+    y = None if ident.y is None else ident.y.to(device=device, dtype=dtype).expand(n, -1)
+    t = torch.full((n,), timestep, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        out = reference_forward(unet, input_blocks, output_blocks, x, t, context, y, needed)
+    FEATURE_CACHE.count("reference_passes")
+    missing = needed - out.keys()
+    if missing:
+        raise RuntimeError(f"IDFusion: the reference pass did not reach blocks {sorted(missing)[:4]}")
+    return out
+
+
+def identity_features(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,
+                      needed: set[FeatureKey], device, dtype) -> Features:
+    """Features of one identity at one timestep: memory cache, disk cache, or a reference pass."""
+    key = CacheKey(ident.digest, weights_fingerprint(base_model, features.refnet.source_id),
+                   round(float(timestep), 4), ident.context_digest)
+    entry = FEATURE_CACHE.get(key, needed)
+    if entry is None and ident.disk_cache is not None:
+        entry = ident.disk_cache.load(key, needed)
+        if entry is not None:
+            FEATURE_CACHE.count("disk_hits")
+            FEATURE_CACHE.put(key, entry)
+    if entry is None:
+        FEATURE_CACHE.count("misses")
+        fresh = _run_pass(base_model, features, ident, timestep, needed, device, dtype)
+        entry = {k: v.detach().to("cpu", copy=True) for k, v in fresh.items()}
+        FEATURE_CACHE.put(key, entry)
+        if ident.disk_cache is not None:
+            ident.disk_cache.save(key, entry)
+            FEATURE_CACHE.count("disk_writes")
+        return {k: fresh[k] for k in needed}
+    return {k: entry[k].to(device=device, dtype=dtype, non_blocking=True) for k in needed}
+
+
+def _as_tokens(t: torch.Tensor) -> torch.Tensor:
+    """[N, L, C] → [1, N·L, C]: all references of an identity as one key sequence."""
+    return t.reshape(1, -1, t.shape[-1])
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+def row_conds(cond_or_uncond: list, rows: int) -> torch.Tensor:
+    """The cond index of each batch row: rows are laid out cond-major in ComfyUI's calls."""
+    per = rows // max(1, len(cond_or_uncond))
+    return torch.tensor([c for c in cond_or_uncond for _ in range(per)], dtype=torch.long)
+
+
+def row_items(cond_or_uncond: list, rows: int) -> torch.Tensor:
+    per = rows // max(1, len(cond_or_uncond))
+    return torch.arange(rows) % max(1, per)
+
+
+def spec_active(spec: Spec, base_model, sigma: float) -> bool:
+    ms = base_model.model_sampling
+    start = float(ms.percent_to_sigma(spec.start_percent))
+    end = float(ms.percent_to_sigma(spec.end_percent))
+    return end <= sigma <= start
+
+
+def _row_strength(spec: Spec, conds: torch.Tensor, guidance: Guidance | None) -> torch.Tensor:
+    strength = spec.strength
+    on = torch.ones(len(conds), dtype=torch.bool)
+    if guidance is not None and spec.kind == "reference":
+        if guidance.strength is not None:
+            strength = guidance.strength
+        if guidance.ref_conds is not None:
+            on = torch.tensor([int(c) in guidance.ref_conds for c in conds], dtype=torch.bool)
+    return on.float() * strength
+
+
+def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, transformer_options: dict) -> CallState:
+    """Features and per-row state for every spec active at this sigma (see module docstring)."""
+    sig = float(sigma.reshape(-1)[0])
+    if sigma.numel() > 1 and not bool(torch.all(sigma == sigma.reshape(-1)[0])):
+        logger.debug("IDFusion: rows at different sigmas in one call; reference features use sigma %.4f", sig)
+    cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+    conds = row_conds(cond_or_uncond, x.shape[0])
+    guidance = transformer_options.get(GUIDANCE)
+    strengths = {id(s): _row_strength(s, conds, guidance) for s in plan.specs if spec_active(s, base_model, sig)}
+    active = [s for s in plan.specs if id(s) in strengths and bool((strengths[id(s)] != 0).any())]
+    if not active:
+        return CallState({})
+    timestep = float(base_model.model_sampling.timestep(sigma.reshape(-1)[:1]).float()[0])
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    device = x.device
+
+    needed: dict[tuple[int, int], tuple[ReferenceFeatures, ReferenceIdentity, set]] = {}
+    for spec in active:
+        for ident in spec.features.identities:
+            slot = needed.setdefault((id(spec.features.refnet), id(ident)), (spec.features, ident, set()))
+            slot[2].update(spec.needs())
+    fetched = {slot: identity_features(base_model, feats, ident, timestep, keys, device, dtype)
+               for slot, (feats, ident, keys) in needed.items()}
+
+    latent_hw = (x.shape[-2], x.shape[-1])
+    states = {}
+    for spec in active:
+        refs = [{k: _as_tokens(fetched[(id(spec.features.refnet), id(ident))][k]) for k in spec.needs()}
+                for ident in spec.features.identities]
+        per_item = None
+        if spec.routing.mode == MODE_PER_ITEM:
+            per_item = row_items(cond_or_uncond, x.shape[0]) % spec.features.count
+        states[id(spec)] = SpecCall(spec, strengths[id(spec)].to(device), refs, latent_hw, per_item)
+    return CallState(states)
+
+
+# --- the wrapper -----------------------------------------------------------------------------
+
+def position_channel(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """FlashFace's fifth input channel [B, 1, h, w]: the face-position mask subsampled to the
+    latent (nearest), zeros when there is none (no constraint)."""
+    b, _, h, w = x.shape
+    if mask is None:
+        return torch.zeros((b, 1, h, w), device=x.device, dtype=x.dtype)
+    from ..attention.routing import fit_to_latent
+    m = mask if mask.ndim == 3 else mask.unsqueeze(0)
+    m = fit_to_latent((m > 0.5).float(), h, w, what="face position mask").round()
+    if m.shape[0] not in (1, b):
+        m = m[:1]
+    return m.unsqueeze(1).expand(b, -1, -1, -1).to(device=x.device, dtype=x.dtype)
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """``WrappersMP.APPLY_MODEL`` wrapper installed by every IDFusion patch (key "idfusion")."""
+    base_model = executor.class_obj
+    unet = base_model.diffusion_model
+    if c_concat is None and getattr(unet, "in_channels", x.shape[1]) == x.shape[1] + 1:
+        c_concat = position_channel(transformer_options.get(POSITION), x)
+    plan = transformer_options.get(PLAN)
+    if plan is not None and plan.specs:
+        state = prepare_call(base_model, plan, x, t, transformer_options)
+        transformer_options = {**transformer_options, CALL: state}
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

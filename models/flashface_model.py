@@ -1,0 +1,104 @@
+"""FlashFace weights → ComfyUI objects: the fine-tuned UNet as a MODEL with five input
+channels, and the ReferenceNet encoder/decoder plus the extra attentions A′ in a
+ModelPatcher that ComfyUI loads and offloads with the model.
+
+The FlashFace UNet is built as a plain ``BaseModel`` (not ComfyUI's inpainting variant,
+which would feed mask + masked image into the extra channels): the face-position channel
+is fed by IDFusion's ``apply_model`` wrapper.
+"""
+from __future__ import annotations
+
+import torch
+
+from .references import FlashFaceModules
+
+#: FlashFace is SD1.5: 8 heads everywhere. Heads leave no trace in the weights' shapes.
+FLASHFACE_HEADS = 8
+
+
+def unet_config_for(unet_sd: dict, in_channels: int) -> dict:
+    """SD1.5's UNet config with the widths read off the weights."""
+    model_channels = unet_sd["input_blocks.0.0.weight"].shape[0]
+    context_dim = unet_sd["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": in_channels, "model_channels": model_channels,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": context_dim, "num_heads": FLASHFACE_HEADS, "num_head_channels": -1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def _dtypes(model_config, load_device):
+    import comfy.model_management as mm
+    dtype = mm.unet_dtype(model_params=0, supported_dtypes=model_config.supported_inference_dtypes)
+    manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    return dtype, manual_cast
+
+
+def build_unet_model(unet_sd: dict):
+    """The fine-tuned FlashFace UNet as a ComfyUI ModelPatcher (five input channels)."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    in_channels = unet_sd["input_blocks.0.0.weight"].shape[1]
+    model_config = comfy.supported_models.SD15(unet_config_for(unet_sd, in_channels))
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    dtype, manual_cast = _dtypes(model_config, load_device)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS, device=offload_device)
+    _load_strict(model.diffusion_model, unet_sd, "FlashFace UNet")
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def _load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{what}: the weights do not fit ComfyUI's SD1.5 layout "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+
+class _ReferenceModules(torch.nn.Module):
+    """Holder of the ReferenceNet's encoder/decoder and the extra attentions A′."""
+
+    def __init__(self, input_blocks, output_blocks, extra_attention):
+        super().__init__()
+        self.input_blocks = input_blocks
+        self.output_blocks = output_blocks
+        self.extra_attention = extra_attention
+
+
+def build_reference_modules(weights, model_patcher, source: str) -> FlashFaceModules:
+    """ReferenceNet encoder/decoder (four input channels) and A′ per middle/decoder block."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy.ldm.modules.attention import CrossAttention
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    base = model_patcher.model
+    config = dict(base.model_config.unet_config)
+    config["in_channels"] = weights.reference["input_blocks.0.0.weight"].shape[1]
+    dtype = base.get_dtype()
+    operations = comfy.ops.pick_operations(dtype, base.manual_cast_dtype)
+    offload = mm.unet_offload_device()
+    ref_unet = UNetModel(**config, dtype=dtype, device=offload, operations=operations)
+    extra = torch.nn.ModuleDict()
+    for key, tensors in weights.extra_attention.items():
+        dim = tensors["to_q.weight"].shape[0]
+        extra[f"{key[0]}_{key[1]}_{key[2]}"] = CrossAttention(query_dim=dim, heads=FLASHFACE_HEADS,
+                                                             dim_head=dim // FLASHFACE_HEADS, dtype=dtype,
+                                                             device=offload, operations=operations)
+    holder = _ReferenceModules(ref_unet.input_blocks, ref_unet.output_blocks, extra)
+    sd = dict(weights.reference)
+    for key, tensors in weights.extra_attention.items():
+        sd.update({f"extra_attention.{key[0]}_{key[1]}_{key[2]}.{name}": t for name, t in tensors.items()})
+    _load_strict(holder, sd, "FlashFace ReferenceNet")
+    holder.eval()
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(), offload_device=offload)
+    return FlashFaceModules(patcher, source)

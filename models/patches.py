@@ -1,0 +1,207 @@
+"""The attention patches IDFusion registers on a MODEL clone.
+
+- ``TrainingFreeReference`` (attn1 replace): the block's own self-attention becomes
+  ``(1 − λ)·Attn(y, y) + λ·Σ α_i·Attn(y, cat[y, r_i])`` with the block's own projections.
+- ``FlashFaceAttention`` (attn1 patch + attn1 output patch): after the block's own
+  self-attention, ``x += λ·A′(y, cat[y, refs]) + (1 − λ)·A′(y, y)`` with FlashFace's trained
+  extra attention A′, as in the official code. With no references (λ = 0) it still adds
+  ``A′(y, y)``: the FlashFace UNet was trained with it.
+- ``FusedKV`` (attn2 replace): cross-attention keys/values ``[K_text; K_f1; …]``.
+
+Each patch reads the per-call state left by ``engine.apply_model_wrapper`` in
+``extra_options["idfusion_call"]``; without it (outside the schedule, or a plain call) it
+computes exactly what the unpatched block computes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention.fused_kv import fused_kv_attention, identity_bias
+from ..attention.reference import reference_attention
+from ..attention.routing import fit_to_latent, query_weights
+from .engine import CALL, MODE_REGION, SpecCall
+from .references import FlashFaceModules, Shared
+
+
+def host_attention(extra_options: dict):
+    """The host's optimized attention, called as ComfyUI's CrossAttention calls it."""
+    from comfy.ldm.modules import attention as host
+
+    def attend(q, k, v, heads, mask=None):
+        if mask is None:
+            return host.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                            transformer_options=extra_options)
+        return host.optimized_attention_masked(q, k, v, heads, mask, attn_precision=extra_options.get("attn_precision"),
+                                               transformer_options=extra_options)
+    return attend
+
+
+def block_key(extra_options: dict):
+    block = extra_options.get("block")
+    return None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
+
+
+def _latent_masks(call: SpecCall, which: str, masks: torch.Tensor) -> torch.Tensor:
+    cache = call.spec.routing._alpha
+    key = (which, call.latent_hw)
+    if key not in cache:
+        what = "identity masks" if which == "masks" else "face position mask"
+        cache[key] = fit_to_latent(masks, *call.latent_hw, what=what)
+    return cache[key]
+
+
+def spec_alpha(call: SpecCall, seq_len: int, device) -> torch.Tensor:
+    """Per-query identity weights α for one spec at one layer: [B|1, L|1, M] (no strength)."""
+    if seq_len in call.alphas:
+        return call.alphas[seq_len]
+    spec, routing = call.spec, call.spec.routing
+    mix = spec.features.mix()
+    m = spec.features.count
+    if routing.mode == MODE_REGION:
+        cache_key = ("alpha", call.latent_hw, seq_len)
+        if cache_key not in routing._alpha:
+            masks = _latent_masks(call, "masks", routing.masks)
+            routing._alpha[cache_key] = query_weights(masks, seq_len, call.latent_hw, mix, routing.outside)
+        alpha = routing._alpha[cache_key]
+    elif call.per_item is not None:
+        alpha = torch.nn.functional.one_hot(call.per_item, m).float().unsqueeze(1)
+    else:
+        alpha = mix.view(1, 1, m)
+    if routing.region is not None:
+        cache_key = ("region", call.latent_hw, seq_len)
+        if cache_key not in routing._alpha:
+            region = _latent_masks(call, "region", routing.region.reshape(1, 1, *routing.region.shape[-2:]))
+            routing._alpha[cache_key] = query_weights(region, seq_len, call.latent_hw, torch.ones(1), "none")
+        alpha = alpha * routing._alpha[cache_key]
+    alpha = alpha.to(device)
+    call.alphas[seq_len] = alpha
+    return alpha
+
+
+def _weights(calls: list[SpecCall], seq_len: int, rows: int, device) -> torch.Tensor:
+    """[B, L|1, ΣM]: λ_row·α for every identity of every active spec, in spec order."""
+    parts = []
+    for call in calls:
+        alpha = spec_alpha(call, seq_len, device)
+        parts.append(call.row_strength.view(-1, 1, 1).to(device) * alpha.expand(rows, -1, -1))
+    length = max(p.shape[1] for p in parts)
+    return torch.cat([p.expand(-1, length, -1) for p in parts], dim=-1)
+
+
+def _active_calls(specs, extra_options) -> list[SpecCall]:
+    state = extra_options.get(CALL)
+    if state is None:
+        return []
+    return [c for c in (state.get(s) for s in specs) if c is not None]
+
+
+def _ref_tokens(calls: list[SpecCall], key, kind: str) -> list[torch.Tensor]:
+    return [refs[(key, kind)] for call in calls for refs in call.refs]
+
+
+class TrainingFreeReference(Shared):
+    """attn1 replace for one block: reference attention with the block's own projections."""
+
+    def __init__(self, key, attn1: torch.nn.Module, specs: tuple):
+        self.key, self.attn1, self.specs = key, attn1, specs
+
+    def with_spec(self, spec) -> "TrainingFreeReference":
+        return TrainingFreeReference(self.key, self.attn1, self.specs + (spec,))
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        attend = host_attention(extra_options)
+        calls = _active_calls(self.specs, extra_options)
+        if not calls:
+            return attend(q, k, v, heads)
+        tokens = _ref_tokens(calls, self.key, "attn1")
+        refs = [(self.attn1.to_k(r), self.attn1.to_v(r)) for r in tokens]
+        weights = _weights(calls, q.shape[1], q.shape[0], q.device)
+        return reference_attention(q, k, v, refs, weights, heads, attend)
+
+
+class FlashFaceAttention(Shared):
+    """FlashFace's extra attention A′ on the middle and decoder blocks (trained mode).
+
+    ``capture`` (an attn1_patch) keeps ``y = norm1(x)`` of a patched block; the object itself
+    (an attn1_output_patch) adds ``A′.o(O_s + Σ λα·σ(L_i − L_s)·(O_i − O_s))`` to the block's own
+    self-attention output. Owns weights: ``models()`` lets ComfyUI load and offload them.
+    """
+
+    def __init__(self, modules: FlashFaceModules, blocks: tuple, specs: tuple = ()):
+        self.modules, self.blocks, self.specs = modules, frozenset(blocks), specs
+        self._y = {}
+
+    def with_spec(self, spec) -> "FlashFaceAttention":
+        return FlashFaceAttention(self.modules, tuple(self.blocks), self.specs + (spec,))
+
+    def capture(self, n, context_attn1, value_attn1, extra_options):
+        key = block_key(extra_options)
+        if key in self.blocks:
+            self._y[key] = n
+        return n, context_attn1, value_attn1
+
+    def __call__(self, n, extra_options):
+        key = block_key(extra_options)
+        if key not in self.blocks or key not in self._y:
+            return n
+        y = self._y.pop(key)
+        attn = self.modules.extra_attention(key)
+        heads = extra_options["n_heads"]
+        attend = host_attention(extra_options)
+        q, k, v = attn.to_q(y), attn.to_k(y), attn.to_v(y)
+        calls = _active_calls(self.specs, extra_options)
+        if calls:
+            refs = [(attn.to_k(r), attn.to_v(r)) for r in _ref_tokens(calls, key, "attn1")]
+            weights = _weights(calls, q.shape[1], q.shape[0], q.device)
+            o = reference_attention(q, k, v, refs, weights, heads, attend)
+        else:
+            o = attend(q, k, v, heads)
+        return n + attn.to_out(o)
+
+    def models(self):
+        return [self.modules.patcher]
+
+    def to(self, device_or_dtype):
+        return self
+
+
+class FusedKV(Shared):
+    """attn2 replace for one block: face tokens join the text tokens under one softmax.
+
+    ``kf``/``vf``: the Linear_kf / Linear_vf maps ``h_f → K_f, V_f`` (training-free: the
+    block's own self-attention ``to_k``/``to_v``; or trained adapter layers).
+    """
+
+    def __init__(self, key, kf: torch.nn.Module, vf: torch.nn.Module, specs: tuple):
+        self.key, self.kf, self.vf, self.specs = key, kf, vf, specs
+
+    def with_spec(self, spec) -> "FusedKV":
+        return FusedKV(self.key, self.kf, self.vf, self.specs + (spec,))
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        attend = host_attention(extra_options)
+        calls = _active_calls(self.specs, extra_options)
+        if not calls:
+            return attend(q, k, v, heads)
+        weights = _weights(calls, q.shape[1], q.shape[0], q.device)              # [B, L|1, M]
+        used = weights.flatten(0, 1).amax(dim=0) > 0                              # [M]
+        if not bool(used.any()):
+            return attend(q, k, v, heads)
+        tokens = _ref_tokens(calls, self.key, "attn2")
+        keep = [i for i in range(len(tokens)) if bool(used[i])]
+        faces = [(self._project(self.kf, tokens[i], q), self._project(self.vf, tokens[i], q)) for i in keep]
+        bias = identity_bias(weights[:, :, keep], k.shape[1], [f[0].shape[1] for f in faces], 1.0, q.dtype)
+        return fused_kv_attention(q, k, v, faces, bias, heads, attend)
+
+    @staticmethod
+    def _project(layer: torch.nn.Module, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return layer(h.to(like.dtype))
+
+    def models(self):
+        patcher = getattr(self.kf, "idfusion_patcher", None)
+        return [patcher] if patcher is not None else []
+
+    def to(self, device_or_dtype):
+        return self

@@ -1,0 +1,129 @@
+"""The one place that knows ComfyUI's UNet block keys and its patch API.
+
+A transformer block is addressed as ComfyUI's attention patches address it:
+``(block_name, number, index)`` — ``("input"|"middle"|"output", position in that list,
+index of the BasicTransformerBlock inside the SpatialTransformer)``. The tables below are
+what the real host's SD1.5 and SDXL UNets contain (tests check them against the host);
+``block_table`` derives the table from any UNet's modules and checks it against them.
+"""
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+
+BlockKey = tuple[str, int, int]
+
+SD15_BLOCKS: tuple[BlockKey, ...] = (
+    *[("input", n, 0) for n in (1, 2, 4, 5, 7, 8)],
+    ("middle", 0, 0),
+    *[("output", n, 0) for n in range(3, 12)],
+)
+SDXL_BLOCKS: tuple[BlockKey, ...] = (
+    *[("input", n, i) for n in (4, 5) for i in range(2)],
+    *[("input", n, i) for n in (7, 8) for i in range(10)],
+    *[("middle", 0, i) for i in range(10)],
+    *[("output", n, i) for n in (0, 1, 2) for i in range(10)],
+    *[("output", n, i) for n in (3, 4, 5) for i in range(2)],
+)
+
+#: Block selections offered by the nodes.
+DECODER = "decoder (middle + output)"
+ENCODER_DECODER = "encoder + decoder (input + output)"
+ALL = "all (input + middle + output)"
+SELECTIONS = (DECODER, ENCODER_DECODER, ALL)
+_SELECTED = {DECODER: ("middle", "output"), ENCODER_DECODER: ("input", "output"), ALL: ("input", "middle", "output")}
+
+WRAPPER_KEY = "idfusion"
+
+
+def _blocks_of(name: str, container) -> list[tuple[BlockKey, BasicTransformerBlock]]:
+    found = []
+    for number, module in enumerate(container):
+        for layer in module:
+            if isinstance(layer, SpatialTransformer):
+                found += [((name, number, i), blk) for i, blk in enumerate(layer.transformer_blocks)]
+    return found
+
+
+def transformer_blocks(unet) -> dict[BlockKey, BasicTransformerBlock]:
+    """Every BasicTransformerBlock of a ComfyUI ``UNetModel``, by its patch key, in forward order."""
+    found = _blocks_of("input", unet.input_blocks)
+    if unet.middle_block is not None:
+        found += _blocks_of("middle", [unet.middle_block])
+    found += _blocks_of("output", unet.output_blocks)
+    return dict(found)
+
+
+def known_table(model_config) -> tuple[BlockKey, ...] | None:
+    name = type(model_config).__name__
+    return {"SD15": SD15_BLOCKS, "SDXL": SDXL_BLOCKS}.get(name)
+
+
+def block_table(model_patcher) -> tuple[BlockKey, ...]:
+    """The transformer-block keys of a MODEL; for SD1.5 and SDXL checked against the tables."""
+    base = model_patcher.model
+    derived = tuple(transformer_blocks(base.diffusion_model))
+    expected = known_table(base.model_config)
+    if expected is not None and derived != expected:
+        raise RuntimeError(f"IDFusion: this {type(base.model_config).__name__} UNet's transformer blocks differ "
+                           f"from the known table ({len(derived)} vs {len(expected)}); please report this")
+    if not derived:
+        raise ValueError("MODEL: this model has no UNet transformer blocks; IDFusion patches SD1.5/SDXL-style UNets")
+    return derived
+
+
+def select_blocks(table: tuple[BlockKey, ...], selection: str) -> tuple[BlockKey, ...]:
+    if selection not in _SELECTED:
+        raise ValueError(f"blocks: unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    names = _SELECTED[selection]
+    return tuple(k for k in table if k[0] in names)
+
+
+def require_unet(model_patcher, node: str) -> None:
+    unet = getattr(model_patcher.model, "diffusion_model", None)
+    if unet is None or not hasattr(unet, "input_blocks"):
+        raise ValueError(f"{node}: MODEL is not a UNet model (SD1.5 / SDXL family); IDFusion cannot patch it")
+
+
+# --- patch registration on a cloned ModelPatcher ---------------------------------------------
+
+def set_attn1_replace(m, fn, key: BlockKey) -> None:
+    m.set_model_attn1_replace(fn, key[0], key[1], key[2])
+
+
+def set_attn2_replace(m, fn, key: BlockKey) -> None:
+    m.set_model_attn2_replace(fn, key[0], key[1], key[2])
+
+
+def attn1_replace(m, key: BlockKey):
+    """The attn1 replace patch already set on m for a block, or None."""
+    to = m.model_options.get("transformer_options", {})
+    return to.get("patches_replace", {}).get("attn1", {}).get(key)
+
+
+def attn2_replace(m, key: BlockKey):
+    to = m.model_options.get("transformer_options", {})
+    return to.get("patches_replace", {}).get("attn2", {}).get(key)
+
+
+def add_attn1_patch(m, fn) -> None:
+    m.set_model_attn1_patch(fn)
+
+
+def add_attn1_output_patch(m, fn) -> None:
+    m.set_model_attn1_output_patch(fn)
+
+
+def set_apply_model_wrapper(m, fn) -> None:
+    """Install (once per MODEL clone) the wrapper around ``BaseModel._apply_model``."""
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fn)
+
+
+def set_option(m, name: str, value) -> None:
+    """A value in ``transformer_options`` (patches read it from ``extra_options``)."""
+    m.model_options.setdefault("transformer_options", {})[name] = value
+
+
+def get_option(m, name: str, default=None):
+    return m.model_options.get("transformer_options", {}).get(name, default)
