@@ -207,7 +207,9 @@ def test(argv: list[str]) -> int:
     ensure_chromium()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", IDFUSION_HOST_DIR=str(HOST),
                PYTHONDONTWRITEBYTECODE="1")
-    cmd = [str(PY), "-m", "pytest", str(ROOT / "tests")] + list(argv)
+    # --confcutdir keeps pytest from collecting the checkout itself as a package (it has an
+    # __init__.py: the pack's), which would import the pack a second time under another name.
+    cmd = [str(PY), "-m", "pytest", str(ROOT / "tests"), "--confcutdir", str(ROOT / "tests")] + list(argv)
     log("$ " + " ".join(cmd))
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
