@@ -69,7 +69,7 @@ ATTENTION_PARAMS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weigh
 BlockKey = tuple[str, int, int]
 Progress = Callable[[int, int], None]
 #: A mapped name: ("unet", comfy_name) or ("extra", block_key, attention_param).
-Target = tuple
+Target = tuple[str, str] | tuple[str, BlockKey, str]
 
 
 @dataclass
@@ -205,6 +205,14 @@ def detect_layout(keys: Iterable[str], source: str = "checkpoint") -> str:
     raise ValueError(_not_flashface_message(keys, found, source))
 
 
+def require_layout(keys: Iterable[str], layout: str, source: str = "checkpoint") -> None:
+    """Raise ValueError unless ``keys`` are in ``layout`` ("official" or "converted")."""
+    found = detect_layout(keys, source)
+    if found != layout:
+        raise ValueError(f"{source}: holds the {found} FlashFace layout where the {layout} one was expected; "
+                         f"load_flashface() reads either")
+
+
 def _not_flashface_message(keys: list[str], found: dict[str, bool], source: str) -> str:
     official_missing = [name for name in OFFICIAL_MARKERS if not found[name]]
     hint = next((f" It looks like {what}." for prefix, what in KNOWN_OTHER_LAYOUTS
@@ -323,7 +331,7 @@ def official_to_comfy(sd: Mapping[str, torch.Tensor], source: str = "checkpoint"
     copies that differ from the main weights.
     """
     keys = list(sd.keys())
-    detect_layout(keys, source)
+    require_layout(keys, "official", source)
     ticker = _Ticker(progress, len(keys))
     weights = FlashFaceWeights({}, {}, {}, source)
     copies, unknown, unused = [], [], 0
@@ -399,7 +407,7 @@ def converted_to_comfy(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
                        progress: Progress | None = None) -> FlashFaceWeights:
     """Read the converted layout (``unet.*``, ``reference.*``, ``extra_attention.*``)."""
     keys = list(sd.keys())
-    detect_layout(keys, source)
+    require_layout(keys, "converted", source)
     ticker = _Ticker(progress, len(keys))
     weights = FlashFaceWeights({}, {}, {}, source)
     unknown = []

@@ -20,7 +20,6 @@ compared with it on outputs.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -288,7 +287,3 @@ def write_tiny_checkpoints(seed: int = 0) -> dict[str, Path]:
             save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
         os.replace(tmp, path)
     return paths
-
-
-def parameter_count(sd: dict[str, torch.Tensor]) -> int:
-    return sum(math.prod(v.shape) for v in sd.values())

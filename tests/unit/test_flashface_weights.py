@@ -10,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +338,12 @@ def test_newer_converted_version_is_refused(tmp_path, weights):
                          {"format": "idfusion-flashface", "version": "2"}, torch.float16)
     with pytest.raises(ValueError, match="version '2'"):
         fw.load_flashface(path)
+
+
+def test_layout_readers_refuse_the_other_layout(official, weights):
+    converted = dict(fw.converted_tensors(weights))
+    with pytest.raises(ValueError, match="converted FlashFace layout where the official one"):
+        fw.official_to_comfy(converted)
+    with pytest.raises(ValueError, match="official FlashFace layout where the converted one"):
+        fw.converted_to_comfy(official)
+    assert_same(fw.converted_to_comfy(converted), weights)
