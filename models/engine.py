@@ -173,7 +173,7 @@ def _run_pass(base_model, features: ReferenceFeatures, ident: ReferenceIdentity,
     missing = needed - out.keys()
     if missing:
         raise RuntimeError(f"IDFusion: the reference pass did not reach blocks {sorted(missing)[:4]}")
-    return out
+    return {k: v.contiguous() for k, v in out.items()}    # one memory layout for fresh, cached and disk features
 
 
 def identity_features(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,

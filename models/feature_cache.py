@@ -102,6 +102,12 @@ class FeatureCache:
             self._entries.clear()
             self._bytes = 0
 
+    def reset(self) -> None:
+        """Empty the cache and zero the counters."""
+        self.clear()
+        with self._lock:
+            self.counters = dict.fromkeys(self.counters, 0)
+
     def stats(self) -> dict:
         with self._lock:
             return dict(self.counters, entries=len(self._entries), bytes=self._bytes, budget_bytes=self.budget_bytes)
@@ -134,7 +140,8 @@ class DiskCache:
         if not path.is_file():
             return None
         try:
-            features = {parse_feature_name(name): t for name, t in load_file(str(path)).items()}
+            # clone: fresh, aligned storage, so kernels see the same layout as for computed features
+            features = {parse_feature_name(name): t.clone() for name, t in load_file(str(path)).items()}
         except Exception as err:  # a damaged file is a miss, not a failure
             logger.warning("IDFusion feature cache: ignoring unreadable %s (%s)", path, err)
             return None

@@ -169,39 +169,39 @@ class FlashFaceAttention(Shared):
 class FusedKV(Shared):
     """attn2 replace for one block: face tokens join the text tokens under one softmax.
 
-    ``kf``/``vf``: the Linear_kf / Linear_vf maps ``h_f → K_f, V_f`` (training-free: the
-    block's own self-attention ``to_k``/``to_v``; or trained adapter layers).
+    entries: ``(spec, Linear_kf, Linear_vf)`` per patch node — the maps ``h_f → K_f, V_f``
+    (training-free: the block's own self-attention ``to_k``/``to_v``; or trained adapter
+    layers, whose ModelPatchers are in ``patchers`` so ComfyUI loads and offloads them).
     """
 
-    def __init__(self, key, kf: torch.nn.Module, vf: torch.nn.Module, specs: tuple):
-        self.key, self.kf, self.vf, self.specs = key, kf, vf, specs
+    def __init__(self, key, entries: tuple, patchers: tuple = ()):
+        self.key, self.entries, self.patchers = key, entries, patchers
+        self.specs = tuple(e[0] for e in entries)
 
-    def with_spec(self, spec) -> "FusedKV":
-        return FusedKV(self.key, self.kf, self.vf, self.specs + (spec,))
+    def with_entry(self, spec, kf, vf, patcher=None) -> "FusedKV":
+        patchers = self.patchers + ((patcher,) if patcher is not None and patcher not in self.patchers else ())
+        return FusedKV(self.key, self.entries + ((spec, kf, vf),), patchers)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         attend = host_attention(extra_options)
-        calls = _active_calls(self.specs, extra_options)
-        if not calls:
+        state = extra_options.get(CALL)
+        active = [(state.get(spec), kf, vf) for spec, kf, vf in self.entries] if state is not None else []
+        active = [a for a in active if a[0] is not None]
+        if not active:
             return attend(q, k, v, heads)
-        weights = _weights(calls, q.shape[1], q.shape[0], q.device)              # [B, L|1, M]
-        used = weights.flatten(0, 1).amax(dim=0) > 0                              # [M]
+        weights = _weights([a[0] for a in active], q.shape[1], q.shape[0], q.device)       # [B, L|1, M]
+        used = weights.flatten(0, 1).amax(dim=0) > 0                                       # [M]
         if not bool(used.any()):
             return attend(q, k, v, heads)
-        tokens = _ref_tokens(calls, self.key, "attn2")
-        keep = [i for i in range(len(tokens)) if bool(used[i])]
-        faces = [(self._project(self.kf, tokens[i], q), self._project(self.vf, tokens[i], q)) for i in keep]
+        projected = [(kf, vf, refs[(self.key, "attn2")]) for call, kf, vf in active for refs in call.refs]
+        keep = [i for i in range(len(projected)) if bool(used[i])]
+        faces = [(kf(h.to(q.dtype)), vf(h.to(q.dtype))) for kf, vf, h in (projected[i] for i in keep)]
         bias = identity_bias(weights[:, :, keep], k.shape[1], [f[0].shape[1] for f in faces], 1.0, q.dtype)
         return fused_kv_attention(q, k, v, faces, bias, heads, attend)
 
-    @staticmethod
-    def _project(layer: torch.nn.Module, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return layer(h.to(like.dtype))
-
     def models(self):
-        patcher = getattr(self.kf, "idfusion_patcher", None)
-        return [patcher] if patcher is not None else []
+        return list(self.patchers)
 
     def to(self, device_or_dtype):
         return self

@@ -1,2 +1,117 @@
-"""fusion nodes."""
-NODES = []
+"""Fused-KV injector: reference-face keys/values joined to the text keys/values of
+cross-attention (face-fusion), training-free or with trained adapter weights."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from . import types
+from .loaders import register_folder
+from .reference import OUTSIDE_CHOICES, build_routing
+from .unet_blocks import (ALL, SELECTIONS, attn2_replace, block_table, get_option, require_unet, select_blocks,
+                          set_apply_model_wrapper, set_attn2_replace, set_option, transformer_blocks)
+
+logger = logging.getLogger("IDFusion")
+
+ADAPTER_FOLDER = "idfusion"
+TRAINING_FREE_ADAPTER = "training-free (self-attention projections)"
+NODE = "IDFusionFusedKV"
+
+register_folder(ADAPTER_FOLDER, {".safetensors"})
+
+
+def adapter_files() -> list[str]:
+    return [f for f in folder_paths.get_filename_list(ADAPTER_FOLDER) if f.endswith(".safetensors")]
+
+
+class FusedKV(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ..models.engine import IDENTITY_MODES, MODE_MIX
+        return io.Schema(
+            node_id=NODE,
+            display_name="IDFusion Fused KV",
+            category="IDFusion/fusion",
+            description="Patches a clone of the MODEL so cross-attention's keys/values become [K_text; K_face...], "
+                        "[V_text; V_face...] under one softmax, with K_face = Linear_kf(h_f), V_face = Linear_vf(h_f) "
+                        "from each reference's hidden state at that block (read from the cached reference pass).",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL to patch."),
+                types.ReferenceFeatures.Input("features", tooltip="From 'IDFusion Face Features' or 'IDFusion Combine Identities'."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=5.0, step=0.01,
+                               tooltip="Scales the attention the face keys receive (a log-bias on their logits); 0 = off."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the faces join."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the faces leave."),
+                io.Combo.Input("blocks", options=list(SELECTIONS), default=ALL,
+                               tooltip="Which transformer blocks' cross-attention gets face keys/values."),
+                io.Combo.Input("adapter", options=[TRAINING_FREE_ADAPTER] + adapter_files(), default=TRAINING_FREE_ADAPTER,
+                               tooltip="Linear_kf/Linear_vf: training-free (the block's own self-attention key/value "
+                                       "projections) or trained per-block weights from models/idfusion (see README)."),
+                io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
+                               tooltip="Several identities: mix them by weight, one per batch item, or one per region."),
+                io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
+                               tooltip="By region: queries outside every region attend to all identities or none."),
+                types.IdentityMasks.Input("identity_masks", optional=True,
+                                          tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+        )
+
+    @classmethod
+    def execute(cls, model, features, weight, start_percent, end_percent, blocks, adapter, identity_mode, outside,
+                identity_masks=None) -> io.NodeOutput:
+        from ..models.engine import PLAN, Plan, Spec, apply_model_wrapper
+
+        require_unet(model, NODE)
+        if start_percent > end_percent:
+            raise ValueError(f"{NODE}: start_percent ({start_percent}) is after end_percent ({end_percent})")
+        routing = build_routing(NODE, features, identity_mode, identity_masks, outside)
+        m = model.clone()
+        selected = select_blocks(block_table(m), blocks)
+        spec = Spec("fused_kv", features, selected, "attn2", weight, start_percent, end_percent, routing)
+        projections = load_projections(m, selected, adapter)
+        patch_fused_kv(m, spec, projections)
+        set_option(m, PLAN, (get_option(m, PLAN) or Plan()).with_spec(spec))
+        set_apply_model_wrapper(m, apply_model_wrapper)
+        return io.NodeOutput(m)
+
+
+def load_projections(m, blocks, adapter: str):
+    """{block key: (Linear_kf, Linear_vf)} and the ModelPatcher that owns them (None if training-free)."""
+    modules = transformer_blocks(m.model.diffusion_model)
+    if adapter == TRAINING_FREE_ADAPTER:
+        return {k: (modules[k].attn1.to_k, modules[k].attn1.to_v) for k in blocks}, None
+    from ..models.fused_kv_adapter import load_adapter
+
+    path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter)
+    if path is None:
+        raise FileNotFoundError(f"{NODE}: adapter '{adapter}' is not in models/{ADAPTER_FOLDER}; put it there and "
+                                f"refresh the node list")
+    dims = {k: (modules[k].attn1.to_k.weight.shape[1], modules[k].attn2.to_k.weight.shape[0]) for k in blocks}
+    layers, patcher = load_adapter(path, dims, m.model)
+    logger.info("IDFusion: fused-KV adapter %s (%d blocks)", os.path.basename(path), len(layers))
+    return layers, patcher
+
+
+def patch_fused_kv(m, spec, projections) -> None:
+    from ..models.patches import FusedKV as FusedKVPatch
+
+    layers, patcher = projections
+    for key in spec.blocks:
+        kf, vf = layers[key]
+        existing = attn2_replace(m, key)
+        if isinstance(existing, FusedKVPatch):
+            patch = existing.with_entry(spec, kf, vf, patcher)
+        else:
+            if existing is not None:
+                logger.warning("IDFusion: replacing another node's cross-attention patch on block %s", key)
+            patch = FusedKVPatch(key, ((spec, kf, vf),), (patcher,) if patcher is not None else ())
+        set_attn2_replace(m, patch, key)
+
+
+NODES = [FusedKV]
