@@ -31,11 +31,12 @@ def training_free_features(model, *idents, weights=None):
     return ReferenceFeatures(refnet, tuple(idents), tuple(weights or [1.0] * len(idents)))
 
 
-def sample(model, seed: int = 0, steps: int = 3, cfg: float = 5.0, size: int = 16, batch: int = 1,
-           positive=None, negative=None, sampler: str = "euler"):
-    """KSampler-equivalent sampling (comfy.sample.sample) of a [batch, 4, size, size] latent."""
+def sample(model, seed: int = 0, steps: int = 3, cfg: float = 5.0, size: int | None = 16, batch: int = 1,
+           positive=None, negative=None, sampler: str = "euler", latent_hw: tuple[int, int] | None = None):
+    """KSampler-equivalent sampling (comfy.sample.sample) of a [batch, 4, size, size] latent
+    (or [batch, 4, *latent_hw])."""
     import comfy.sample
-    latent = torch.zeros(batch, 4, size, size)
+    latent = torch.zeros(batch, 4, *(latent_hw or (size, size)))
     noise = torch.randn(latent.shape, generator=gen(seed))
     positive = positive if positive is not None else conditioning(5)
     negative = negative if negative is not None else [[torch.zeros_like(positive[0][0]), {}]]
