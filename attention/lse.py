@@ -9,7 +9,8 @@ which is how the λ-blend of reference attention costs one attention over the
 concatenated keys instead of two full attentions.
 
 Layout follows ComfyUI's attention functions: q, k, v are ``[B, L, H·D]``; the outputs are
-``out [B, Lq, H·D]`` and ``lse [B, H, Lq]`` (natural log, float32).
+``out [B, Lq, H·D]`` and ``lse [B, H, Lq]`` (natural log, float32; float64 for float64
+inputs: the arithmetic is never less precise than the input).
 """
 from __future__ import annotations
 
@@ -35,16 +36,22 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half and single precision inputs, float64 for float64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference implementation on ``[B, H, L, D]`` tensors, chunked over queries."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    acc = accumulation_dtype(q.dtype)
     outs, lses = [], []
     for start in range(0, q.shape[2], FALLBACK_QUERY_CHUNK):
-        qc = q[:, :, start:start + FALLBACK_QUERY_CHUNK].float()
-        scores = torch.matmul(qc, k.float().transpose(-1, -2)) * scale
+        qc = q[:, :, start:start + FALLBACK_QUERY_CHUNK].to(acc)
+        scores = torch.matmul(qc, k.to(acc).transpose(-1, -2)) * scale
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
-        outs.append(torch.matmul(probs, v.float()).to(q.dtype))
+        outs.append(torch.matmul(probs, v.to(acc)).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
@@ -82,7 +89,7 @@ def attention_lse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
         try:
             out, lse = kernel(q.contiguous(), k.contiguous(), v.contiguous())
             if out.shape == q.shape[:3] + (v.shape[-1],) and lse.shape == q.shape[:3]:
-                return out, lse.float()
+                return out, lse.to(accumulation_dtype(q.dtype))
             reason = f"unexpected kernel output shapes {tuple(out.shape)}, {tuple(lse.shape)}"
         except RuntimeError as err:
             reason = f"{q.device.type} {q.dtype} kernel refused: {err}".splitlines()[0]

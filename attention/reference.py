@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .lse import attention_lse
+from .lse import accumulation_dtype, attention_lse
 
 #: ``fn(q, k, v, heads) -> out`` on ``[B, L, H·D]`` tensors: the host's attention.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -37,15 +37,16 @@ def blend(o_self: torch.Tensor, lse_self: torch.Tensor,
     or None for an identity no row uses; weights: [B, Lq or 1, M].
     """
     b, lq, c = o_self.shape
-    base = o_self.view(b, lq, heads, c // heads)
-    out = base.float()
+    acc = accumulation_dtype(o_self.dtype)
+    base = o_self.view(b, lq, heads, c // heads).to(acc)
+    out = base
     for i, part in enumerate(parts):
         if part is None:
             continue
         o_i, lse_i = part
         share = torch.sigmoid(lse_i - lse_self).transpose(1, 2)          # [B, Lq, H]
-        w = (share * weights[:, :, i:i + 1].float()).unsqueeze(-1)       # [B, Lq, H, 1]
-        out = out + w * (o_i.view(b, lq, heads, c // heads).float() - base.float())
+        w = (share * weights[:, :, i:i + 1].to(acc)).unsqueeze(-1)       # [B, Lq, H, 1]
+        out = out + w * (o_i.view(b, lq, heads, c // heads).to(acc) - base)
     return out.to(o_self.dtype).view(b, lq, c)
 
 
