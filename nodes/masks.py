@@ -23,7 +23,7 @@ def masks_from_input(masks, count: int, height: int, width: int) -> torch.Tensor
     if masks.shape[0] != count:
         raise ValueError(f"{NODE}: 'masks' holds {masks.shape[0]} mask(s) but 'count' is {count}; give one mask per "
                          f"identity (batch them with a 'Batch Masks' node) or set count to {masks.shape[0]}")
-    return fit_to_latent(masks.float().cpu(), height, width, what="'masks'").clamp(0, 1)
+    return fit_to_latent(masks.float().cpu(), height, width, what=f"{NODE}: 'masks'", pixels_per_unit=1).clamp(0, 1)
 
 
 def masks_from_faces(faces, image_index: int, count: int, height: int, width: int, margin: float) -> torch.Tensor:
@@ -32,11 +32,13 @@ def masks_from_faces(faces, image_index: int, count: int, height: int, width: in
     if faces is None:
         raise ValueError(f"{NODE}: source is '{SOURCE_FACES}' but 'faces' is not connected; connect "
                          f"'IDFusion Face Detect'")
+    if not 0 <= image_index < len(faces.sizes):
+        raise ValueError(f"{NODE}: image_index {image_index} but 'faces' covers {len(faces.sizes)} image(s)")
     found = sorted(faces.for_image(image_index), key=lambda f: (f.bbox[0] + f.bbox[2]) / 2)
     if len(found) < count:
         raise ValueError(f"{NODE}: image {image_index} of 'faces' has {len(found)} face(s) but 'count' is {count}; "
                          f"lower count or use a photo with {count} faces")
-    src_h, src_w = faces.image_size(image_index)
+    src_h, src_w = faces.sizes[image_index]
     scale = (width / src_w, height / src_h)
     return torch.stack([box_mask(f.bbox, height, width, margin, scale) for f in found[:count]])
 
@@ -92,4 +94,40 @@ class MultiIDMasks(io.ComfyNode):
         return io.NodeOutput(IdentityMasks(resolved, labels), resolved, image, ui=ui.PreviewImage(image, cls=cls))
 
 
-NODES = [MultiIDMasks]
+class FacePositionMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDFusionFacePositionMask",
+            display_name="IDFusion Face Position Mask",
+            category="IDFusion/masks",
+            description="Where the face goes in the generated image, FlashFace style: the box (fractions of the "
+                        "image, like the official demo's [x1, y1, x2, y2]) becomes a square of side max(w, h) "
+                        "anchored at its top-left corner. For 'IDFusion Reference Attention' position_mask.",
+            inputs=[
+                io.Int.Input("width", default=768, min=64, max=8192, step=8, tooltip="Width of the image being generated."),
+                io.Int.Input("height", default=768, min=64, max=8192, step=8, tooltip="Height of the image being generated."),
+                io.Float.Input("x1", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="Left edge, as a fraction of the width."),
+                io.Float.Input("y1", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="Top edge, as a fraction of the height."),
+                io.Float.Input("x2", default=0.6, min=0.0, max=1.0, step=0.01, tooltip="Right edge, as a fraction of the width."),
+                io.Float.Input("y2", default=0.4, min=0.0, max=1.0, step=0.01, tooltip="Bottom edge, as a fraction of the height."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="MASK", tooltip="1 inside the face square, 0 elsewhere."),
+                io.Image.Output(display_name="PREVIEW", tooltip="The mask as an image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, width, height, x1, y1, x2, y2) -> io.NodeOutput:
+        from ..models.faces import position_mask_from_box
+
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"IDFusionFacePositionMask: the box [{x1}, {y1}, {x2}, {y2}] is empty; x2 must exceed x1 "
+                             f"and y2 must exceed y1")
+        mask = position_mask_from_box((x1 * width, y1 * height, x2 * width, y2 * height), height, width)
+        image = mask[None, :, :, None].expand(-1, -1, -1, 3)
+        return io.NodeOutput(mask[None], image, ui=ui.PreviewImage(image, cls=cls))
+
+
+NODES = [MultiIDMasks, FacePositionMask]
