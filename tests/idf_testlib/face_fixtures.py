@@ -13,20 +13,21 @@ The synthetic detector ("marker detector")
 A face is a filled rectangle, upright or rotated, painted in marker magenta: red and blue
 >= 230, green <= 90. Natural photos do not contain such regions, so the detector finds
 nothing in them. Each anchor of the real SCRFD layout (strides 8/16/32, two anchors per
-cell) looks at a window of 4 strides around itself and at one of 8 strides, and computes
+cell) looks at a window of 8 strides around itself and at one of 10 strides, and computes
 the marker's moments in the inner window:
 
 * box: the axis-aligned bounds of the rectangle with the window's centroid, its side
   lengths sqrt(12 * eigenvalue) of the covariance and its rotation (exact for a lone,
   solid rectangle);
-* score: (share of the marker mass inside the inner window) x (1 - green / 127.5) x
-  (fill of the estimated rectangle)^2 x (1 once the face is 16 px tall in the detector's
+* score: (share of the marker mass of the 10-stride window that lies in the inner 8-stride
+  window)^3 x (1 - 10 x the marker density of the ring between them) x (1 - green / 127.5)
+  x (fill of the estimated rectangle)^2 x (1 once the face is 16 px tall in the detector's
   input, less below). A lone solid face scores 1 - green / 127.5: green 0 gives about 1,
-  green 51 about 0.6, green 77 about 0.4;
+  green 51 about 0.6, green 77 about 0.4; windows that cut a face score below 0.1;
 * five keypoints: insightface's mean face (``meanshape_68.pkl``) posed by the rectangle.
 
 Faces must be portrait (height >= width), 16 to 200 px tall in the detector input and
-apart by at least their width. The 3D 68-point and 2D 106-point models do the same on
+apart by at least their height there. The 3D 68-point and 2D 106-point models do the same on
 their 192 x 192 crop and place the mean face with the rectangle's centre and roll,
 scale sigma = height / 1.6 and a width stretch a = (width / height) / 0.75 (a 3:4 face gives the
 mean face); ``MarkerFace.landmarks_3d()`` is that ground truth. The recognition models
@@ -43,7 +44,7 @@ import numpy as np
 
 from .paths import CACHE
 
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 PACK_FILES = {
     "antelopev2": {"1k3d68.onnx": "landmark_3d_68", "2d106det.onnx": "landmark_2d_106", "genderage.onnx": "genderage",
                    "glintr100.onnx": "recognition", "scrfd_10g_bnkps.onnx": "detection"},
@@ -285,7 +286,7 @@ def _detector_stride(g: _Graph, mass: str, mass_level: str, s: int) -> tuple[str
                  g.const(float((k + 2 * s) ** 2)))
     share = g.op("Div", geo["area"], g.op("Add", outer, g.const(1e-6)))
     ring_density = g.op("Div", g.op("Sub", outer, geo["area"]), g.const(float((k + 2 * s) ** 2 - k * k)))
-    contained = g.op("Mul", g.op("Mul", share, g.op("Mul", share, share)), g.clip01(g.affine(ring_density, -4.0, 1.0)))
+    contained = g.op("Mul", g.op("Mul", share, g.op("Mul", share, share)), g.clip01(g.affine(ring_density, -10.0, 1.0)))
     level = g.op("Div", level_sum, g.op("Add", geo["area"], g.const(1e-6)))
     size_fit = g.clip01(g.affine(geo["height"], s / 8.0, -1.0))
     fill = g.clip01(g.op("Div", geo["area"], g.op("Add", g.op("Mul", g.op("Mul", geo["width"], geo["height"]),
