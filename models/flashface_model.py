@@ -85,9 +85,10 @@ def build_reference_modules(weights, model_patcher, source: str) -> FlashFaceMod
     config = dict(base.model_config.unet_config)
     config["in_channels"] = weights.reference["input_blocks.0.0.weight"].shape[1]
     dtype = base.get_dtype()
+    config["dtype"] = dtype          # set_inference_dtype already put "dtype" in unet_config
     operations = comfy.ops.pick_operations(dtype, base.manual_cast_dtype)
     offload = mm.unet_offload_device()
-    ref_unet = UNetModel(**config, dtype=dtype, device=offload, operations=operations)
+    ref_unet = UNetModel(**config, device=offload, operations=operations)
     extra = torch.nn.ModuleDict()
     for key, tensors in weights.extra_attention.items():
         dim = tensors["to_q.weight"].shape[0]
