@@ -275,13 +275,19 @@ def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, t
 
 def position_channel(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """FlashFace's fifth input channel [B, 1, h, w]: the face-position mask subsampled to the
-    latent (nearest), zeros when there is none (no constraint)."""
+    latent as the official code does (``mask[::8, ::8]`` of the pixel-size mask: nearest, no
+    averaging, so a box edge inside an 8-pixel cell rounds as the official one does), zeros
+    when there is none (no constraint)."""
     b, _, h, w = x.shape
     if mask is None:
         return torch.zeros((b, 1, h, w), device=x.device, dtype=x.dtype)
-    from ..attention.routing import fit_to_latent
-    m = mask if mask.ndim == 3 else mask.unsqueeze(0)
-    m = fit_to_latent((m > 0.5).float(), h, w, what="face position mask").round()
+    m = ((mask if mask.ndim == 3 else mask.unsqueeze(0)) > 0.5).float()
+    hm, wm = m.shape[-2:]
+    if abs(hm / wm - h / w) > 0.02 * (h / w):
+        raise ValueError(f"face position mask is {wm}×{hm} (w×h) but the image being generated is {w * 8}×{h * 8}: "
+                         f"make the face position mask at the image size (or the same aspect ratio)")
+    if (hm, wm) != (h, w):
+        m = torch.nn.functional.interpolate(m.unsqueeze(1), size=(h, w), mode="nearest").squeeze(1)
     if m.shape[0] not in (1, b):
         m = m[:1]
     return m.unsqueeze(1).expand(b, -1, -1, -1).to(device=x.device, dtype=x.dtype)
