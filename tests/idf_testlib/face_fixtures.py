@@ -162,6 +162,18 @@ def grace_hopper() -> np.ndarray:
         return np.asarray(Image.open(f).convert("RGB")).copy()
 
 
+def view_image(server, image: dict):
+    """A PIL image a node reported in a history entry, fetched through the server's /view route."""
+    import io
+
+    import requests
+    from PIL import Image
+    params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image["type"]}
+    answer = requests.get(server.url + "/view", params=params, timeout=30)
+    answer.raise_for_status()
+    return Image.open(io.BytesIO(answer.content))
+
+
 def to_image(*arrays: np.ndarray):
     """uint8 [H, W, C] arrays -> a ComfyUI IMAGE tensor [B, H, W, C] float in [0, 1]."""
     import torch
@@ -424,3 +436,32 @@ def _bisenet():
 def _retinaface():
     from facexlib.detection.retinaface import RetinaFace
     return RetinaFace(network_name="resnet50", half=False, device="cpu")
+
+
+# --- a ControlNet for the pose-driven workflow -------------------------------------------------
+
+CONTROLNET = "idfusion-random-controlnet-sd15.safetensors"
+
+
+def sd15_controlnet() -> Path:
+    """A full-size random-weight SD1.5 ControlNet (3-channel hint) that ControlNetLoader loads."""
+    path = CACHE / "models" / "controlnet" / CONTROLNET
+    if path.is_file():
+        return path
+    import torch
+
+    from .host import boot
+    from .models import init_weights, sd15_unet_config
+    boot()
+    import comfy.cldm.cldm
+    import comfy.utils
+    config = sd15_unet_config()
+    config.pop("out_channels")
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float16, device="cpu", **config)
+    init_weights(net, seed=4)
+    state = {k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    comfy.utils.save_torch_file(state, str(tmp))
+    tmp.rename(path)
+    return path
