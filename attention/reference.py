@@ -80,8 +80,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q, k, v: [B, L, H·D] (already projected); refs[i] = (k_i, v_i), each [B or 1, R_i, H·D];
     weights: [B, Lq or 1, M] = λ·α (see module docstring). Rows whose weights are all zero
-    are computed by ``attention`` (the host's own kernel), so they equal the unpatched
-    model exactly; the other rows use the log-sum-exp merge.
+    are computed by ``attention`` (the host's own kernel) on those rows; when no row has a
+    reference the call is exactly the host's (what the unpatched block computes); the other
+    rows use the log-sum-exp merge.
     """
     if len(refs) != weights.shape[-1]:
         raise ValueError(f"{len(refs)} identities' references but weights for {weights.shape[-1]}")

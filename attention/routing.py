@@ -3,8 +3,9 @@
 A UNet layer at depth k holds ``ceil(H/2^k) × ceil(W/2^k)`` tokens for an ``H × W`` latent
 (stride-2 convolutions with padding 1 round up), so token (r, c) covers latent rows
 ``[r·2^k, (r+1)·2^k)`` and columns ``[c·2^k, (c+1)·2^k)``, cut at the border. A token
-belongs to the identity that covers the largest part of that cell, provided the identity
-masks together cover at least half of it; otherwise it is outside every region.
+belongs to the identity that covers the largest part of that cell (a tie goes to the lower
+identity index), provided the identity masks together cover at least half of it; otherwise
+it is outside every region.
 
 ``query_weights`` turns that into ``α [B, L, M]``: 1 on the owning identity, 0 on the
 others (the route of face-fusion eq. 7: no attention to other identities' keys), and for

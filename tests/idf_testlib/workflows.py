@@ -9,6 +9,9 @@ from pathlib import Path
 from .paths import ROOT
 
 WORKFLOWS = ROOT / "workflows"
+#: On the test host, workflows generate 64×64 images in 2 steps from 64-px reference crops.
+TEST_IMAGE_SIZE = 64
+TEST_CROP_SIZE = 64
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
 

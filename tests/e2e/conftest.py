@@ -1,0 +1,38 @@
+"""Fixtures of the e2e tier: model files and input photos on the test server."""
+import pytest
+from PIL import Image
+
+from idf_testlib import face_fixtures as faces
+from idf_testlib.flashface_fixtures import write_tiny_checkpoint_for_sd15_clip
+from idf_testlib.models import SD15_CHECKPOINT
+
+from idf_testlib.workflows import TEST_CROP_SIZE, TEST_IMAGE_SIZE
+
+
+@pytest.fixture(scope="session")
+def prepared(server, sd15_checkpoint):
+    """Model files and input photos in place; returns the widget overrides for the test host
+    (model file names of the fixtures, small images, 2 steps, small reference crops)."""
+    flashface = write_tiny_checkpoint_for_sd15_clip()
+    faces.insightface_pack("antelopev2")
+    for person, green, count in (("a", 0, 4), ("b", 20, 2)):
+        for i in range(1, count + 1):
+            face = faces.MarkerFace(cx=96 + 4 * i, cy=110, width=60 + 2 * i, height=80 + 2 * i, roll=3 * i, green=green)
+            image = faces.scene(224, 192, [face], seed=i)
+            Image.fromarray(image).save(server.workdir / "input" / f"idfusion_person_{person}_{i}.png")
+
+    def overrides(node_type, name, value):
+        if name == "ckpt_name":
+            return SD15_CHECKPOINT
+        if name == "weights" and str(value).endswith((".ckpt", ".safetensors")):
+            return flashface.name
+        if name in ("width", "height") and node_type != "IDFusionFaceAnalysisLoader":
+            return TEST_IMAGE_SIZE
+        if name == "steps":
+            return 2
+        if name in ("size", "crop_size"):
+            return TEST_CROP_SIZE
+        return value
+    return overrides
+
+
