@@ -31,7 +31,8 @@ class IdentityNode(io.ComfyNode):
             ],
             outputs=[
                 types.Identity.Output("identity", tooltip="The person: reference crops, embeddings, a label."),
-                io.Image.Output("reference_crops", display_name="crops", tooltip="The reference crops exactly as the identity holds them."),
+                io.Image.Output("reference_crops", display_name="crops",
+                                tooltip="The reference crops exactly as the identity holds them."),
             ],
         )
 

@@ -117,7 +117,8 @@ def test_detect_identity_landmarks_and_parsing_in_one_prompt(server, inputs):
 @pytest.mark.parametrize("image, message", [
     ("idf_astronaut.png", "IDFusionFaceDetect: image 0 of the batch has no face with score >= 0.5; lower min_score or "
                           "use a clearer photo, or set no_face to 'skip'"),
-    ("idf_tiny.png", "IDFusionFaceDetect: image 0 of the batch is 24x16 pixels; face detection needs at least 32 pixels"),
+    ("idf_tiny.png", "IDFusionFaceDetect: image 0 of the batch is 24x16 pixels; face detection needs at least "
+                     "32 pixels"),
 ])
 def test_bad_photos_fail_with_their_reason_and_the_server_keeps_serving(server, inputs, image, message):
     entry = server.run(detect_prompt(image))

@@ -99,19 +99,20 @@ def test_a_pack_without_a_detector_is_refused_by_name(packs, insightface_models,
 
 
 @pytest.mark.parametrize("choice, available, providers, reason", [
-    ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"], None),
-    ("auto", ["AzureExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"], None),
-    ("auto", ["DmlExecutionProvider", "CPUExecutionProvider"], ["DmlExecutionProvider", "CPUExecutionProvider"], None),
-    ("ROCm", ["ROCMExecutionProvider", "CPUExecutionProvider"], ["ROCMExecutionProvider", "CPUExecutionProvider"], None),
-    ("CoreML", ["CoreMLExecutionProvider", "CPUExecutionProvider"], ["CoreMLExecutionProvider", "CPUExecutionProvider"], None),
-    ("CPU", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"], None),
-    ("CUDA", ["CPUExecutionProvider"], ["CPUExecutionProvider"], "CUDA was requested"),
-    ("DirectML", ["CPUExecutionProvider"], ["CPUExecutionProvider"], "DirectML was requested"),
+    ("auto", ["CUDA", "CPU"], ["CUDA", "CPU"], None),
+    ("auto", ["Azure", "CPU"], ["CPU"], None),
+    ("auto", ["Dml", "CPU"], ["Dml", "CPU"], None),
+    ("ROCm", ["ROCM", "CPU"], ["ROCM", "CPU"], None),
+    ("CoreML", ["CoreML", "CPU"], ["CoreML", "CPU"], None),
+    ("CPU", ["CUDA", "CPU"], ["CPU"], None),
+    ("CUDA", ["CPU"], ["CPU"], "CUDA was requested"),
+    ("DirectML", ["CPU"], ["CPU"], "DirectML was requested"),
 ])
 def test_provider_choice_and_cpu_fallback(host, choice, available, providers, reason):
+    """Provider names are onnxruntime's without the 'ExecutionProvider' suffix here."""
     from IDFusion.models.faces import choose_providers
-    chosen, problem = choose_providers(choice, available)
-    assert chosen == providers
+    chosen, problem = choose_providers(choice, [f"{name}ExecutionProvider" for name in available])
+    assert chosen == [f"{name}ExecutionProvider" for name in providers]
     assert (problem is None) if reason is None else (reason in problem)
 
 
@@ -162,7 +163,7 @@ def test_min_score_keeps_or_drops_a_weak_face(analyzer):
 def test_a_batch_with_a_faceless_image_names_it_or_skips_it(analyzer):
     images = ff.to_image(ff.scene(256, 256, [ff.MarkerFace(128, 128, 60, 80)]), ff.canvas(256, 256, 1),
                          ff.scene(256, 256, [ff.MarkerFace(70, 128, 45, 60), ff.MarkerFace(190, 128, 45, 60)]))
-    with pytest.raises(ValueError, match=r"IDFusionFaceDetect: image 1 of the batch has no face .* set no_face to 'skip'"):
+    with pytest.raises(ValueError, match=r"IDFusionFaceDetect: image 1 of the batch has no face .* no_face to 'skip'"):
         detect_node(analyzer, images)
     faces, crops, aligned, masks, preview = detect_node(analyzer, images, selection="left_to_right", no_face="skip")
     assert [len(faces.for_image(i)) for i in range(3)] == [1, 0, 2]

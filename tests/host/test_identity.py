@@ -69,7 +69,7 @@ def test_photos_of_different_sizes_detected_one_by_one_batch_into_one_identity(a
 
 def test_crops_and_faces_must_match_in_count(analyzer):
     faces = detect(analyzer, photo(120, 150), photo(200, 170, seed=1))[0]
-    with pytest.raises(ValueError, match="IDFusionIdentity: 3 crops but 2 faces; connect the crops and faces of the same"):
+    with pytest.raises(ValueError, match="IDFusionIdentity: 3 crops but 2 faces; connect the crops and faces of"):
         identity_node(faces=faces, crops=torch.rand(3, 224, 224, 3))
 
 

@@ -149,7 +149,7 @@ def test_opening_the_mouth_does_not_move_the_estimated_pose():
 
 def test_several_source_photos_of_one_person_average_to_the_same_shape():
     person = canonicalised(other_person(REFERENCE, 8))
-    photos = [pose(s, a, t).apply(person) for s, a, t in [(80, (0, 0, 0), (50, 60, 0)), (140, (10, -40, 15), (300, 10, 3))]]
+    photos = [pose(80, (0, 0, 0), (50, 60, 0)).apply(person), pose(140, (10, -40, 15), (300, 10, 3)).apply(person)]
     driving = pose(angles=(5, 15, 30)).apply(canonicalised(other_person(REFERENCE, 9)))
     one = lm.predict_landmarks(photos[:1], driving, REFERENCE, 0.0)
     both = lm.predict_landmarks(photos, driving, REFERENCE, 0.0)
@@ -191,8 +191,8 @@ def test_face_lines_follow_the_jaw_and_nothing_else():
     points = face_2d()
     image = lm.draw_face_lines([points], 300, 400)
     on = image[..., 0] > 0
-    jaw_mid = (points[0] + points[1]) / 2
-    assert on[int(round(jaw_mid[1])) - 1:int(round(jaw_mid[1])) + 2, int(round(jaw_mid[0])) - 1:int(round(jaw_mid[0])) + 2].any()
+    x, y = np.round((points[0] + points[1]) / 2).astype(int)  # halfway along the jaw's first segment
+    assert on[y - 1:y + 2, x - 1:x + 2].any()
     assert not on[:20].any() and not on[:, :60].any()
 
 
