@@ -34,6 +34,7 @@ def inputs(server):
         "idf_astronaut.png": ff.astronaut(),
         "idf_hopper.png": ff.grace_hopper(),
         "idf_small_source.png": ff.scene(200, 180, [ff.MarkerFace(90, 100, 60, 80)], seed=3),
+        "idf_two_faces.png": ff.scene(240, 400, [ff.MarkerFace(100, 120, 60, 80), ff.MarkerFace(300, 120, 75, 100)]),
     }
     for name, array in images.items():
         Image.fromarray(array).save(folder / name)
@@ -48,9 +49,9 @@ def load(image: str) -> dict:
     return {"class_type": "LoadImage", "inputs": {"image": image}}
 
 
-def detect(analyzer: str, image: str, no_face: str = "error") -> dict:
+def detect(analyzer: str, image: str, no_face: str = "error", selection: str = "largest", index: int = 0) -> dict:
     return {"class_type": "IDFusionFaceDetect", "inputs": {
-        "analyzer": [analyzer, 0], "image": [image, 0], "selection": "largest", "index": 0, "min_score": 0.5,
+        "analyzer": [analyzer, 0], "image": [image, 0], "selection": selection, "index": index, "min_score": 0.5,
         "no_face": no_face, "crop_size": 224, "margin": 0.0}}
 
 
@@ -66,8 +67,8 @@ def saved(server, entry, node: str) -> list[Image.Image]:
     return [ff.view_image(server, image) for image in entry["outputs"].get(node, {}).get("images", [])]
 
 
-def detect_prompt(image: str, no_face: str = "error", pack: str = "antelopev2") -> dict:
-    return {"1": analyzer_node(pack), "2": load(image), "3": detect("1", "2", no_face),
+def detect_prompt(image: str, no_face: str = "error", pack: str = "antelopev2", **selection) -> dict:
+    return {"1": analyzer_node(pack), "2": load(image), "3": detect("1", "2", no_face, **selection),
             "4": save(["3", 4], "idf_detect")}
 
 
@@ -125,6 +126,21 @@ def test_bad_photos_fail_with_their_reason_and_the_server_keeps_serving(server, 
     assert message in (execution_error(entry) or "")
     entry = server.run(detect_prompt("idf_source.png"))
     assert execution_error(entry) is None and len(saved(server, entry, "4")) == 1
+
+
+@pytest.mark.parametrize("selection, index, count", [("largest", 0, 1), ("left_to_right", 0, 2), ("by_index", 1, 1)])
+def test_several_faces_are_selected(server, inputs, selection, index, count):
+    prompt = detect_prompt("idf_two_faces.png", selection=selection, index=index)
+    prompt["5"] = save(["3", 1], "idf_two_faces")
+    entry = server.run(prompt)
+    assert execution_error(entry) is None and len(saved(server, entry, "5")) == count
+
+
+def test_an_index_past_the_faces_fails_by_name_and_the_server_keeps_serving(server, inputs):
+    entry = server.run(detect_prompt("idf_two_faces.png", selection="by_index", index=2))
+    assert "image 0 of the batch has 2 face(s) with score >= 0.5, so there is no face at index 2" in (
+        execution_error(entry) or "")
+    assert execution_error(server.run(detect_prompt("idf_two_faces.png"))) is None
 
 
 def test_skip_lets_a_faceless_real_photo_through(server, inputs):
