@@ -34,7 +34,8 @@ def pack_import_problems(log: str) -> list[str]:
         problems.append(f"the loader's import summary does not list {PACK_LINK}")
     elif imports[PACK_LINK]:
         problems.append(f"the loader reports IMPORT FAILED for {PACK_LINK}")
-    problems += [f"traceback through {path}" for path in sorted(set(TRACEBACK_FRAME.findall(log))) if is_pack_file(path)]
+    frames = sorted(set(TRACEBACK_FRAME.findall(log)))
+    problems += [f"traceback through {path}" for path in frames if is_pack_file(path)]
     problems += [line.strip() for line in log.splitlines() if f"comfy_entrypoint in {PACK_LINK}" in line]
     return problems
 
@@ -75,7 +76,8 @@ def test_server_registers_exactly_the_pack_nodes(host, pack_nodes):
 
 def test_every_pack_node_is_documented(pack_nodes):
     assert pack_nodes, "the pack registered no nodes (none in /object_info has python_module custom_nodes.IDFusion)"
-    problems = [problem for node_id, info in sorted(pack_nodes.items()) for problem in documentation_problems(node_id, info)]
+    problems = [problem for node_id, info in sorted(pack_nodes.items())
+                for problem in documentation_problems(node_id, info)]
     assert problems == []
 
 
