@@ -18,6 +18,8 @@ PACK_MODULE = f"custom_nodes.{PACK}"
 #: A line of the loader's summary, e.g. "   0.1 seconds (IMPORT FAILED): /path/custom_nodes/IDFusion".
 IMPORT_TIME_LINE = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?: (.+)$", re.MULTILINE)
 TRACEBACK_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+', re.MULTILINE)
+#: ComfyUI logs this once custom nodes are loaded; what follows are prompts other tests run.
+SERVER_STARTED = "Starting server"
 
 
 def is_pack_file(path: str) -> bool:
@@ -27,7 +29,8 @@ def is_pack_file(path: str) -> bool:
 
 
 def pack_import_problems(log: str) -> list[str]:
-    """What the server log says went wrong loading the pack: a failed import or a traceback through it."""
+    """What the server's start-up log says went wrong loading the pack: a failed import or a traceback through it."""
+    log = log.split(SERVER_STARTED, 1)[0]
     problems = []
     imports = {Path(path): failed for _, failed, path in IMPORT_TIME_LINE.findall(log)}
     if PACK_LINK not in imports:
