@@ -22,6 +22,7 @@ from idf_testlib.workflows import WORKFLOWS, Builder  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 FLASHFACE = "flashface.ckpt"
+CONTROLNET = "control_v11p_sd15_openpose.pth"
 NEGATIVE = "blurry, lowres, bad anatomy, deformed face, watermark, text"
 
 
@@ -152,7 +153,47 @@ def two_person_masks(info) -> dict:
     return g.workflow()
 
 
-GRAPHS = [flashface_four_references, training_free_sd15, identity_mixing, fused_kv_three_references, two_person_masks]
+def pose_driven_personalization(info) -> dict:
+    g = Graph(info)
+    g.note("Pose-driven personalization (FaceSnap's landmark predictor): person A's face, in the pose and "
+           "expression of a driving photo. IDFusion Landmark Predictor keeps person A's 3D face shape, takes "
+           "head pose and expression from the driving face and draws the 68 landmarks as OpenPose face "
+           "keypoints for an SD1.5 OpenPose ControlNet; the reference path (IDFusion Face Features + "
+           "Reference Attention, restricted to the driving face's position) keeps the likeness.\n"
+           f"Models: models/checkpoints/{CHECKPOINT} (any SD1.5), models/controlnet/{CONTROLNET}, "
+           "models/insightface/models/antelopev2/. With FlashFace weights, pick flashface.ckpt in the "
+           "ReferenceNet loader.")
+    g.base("a photo of a woman laughing, city street at night, bokeh, detailed skin")
+    refnet = g.add("IDFusionReferenceNetLoader", model=g.ckpt["MODEL"],
+                   weights="training-free (this MODEL's own UNet)")
+    source_photo = g.add("LoadImage", title="person A", image="idfusion_person_a_1.png")
+    source = g.add("IDFusionFaceDetect", title="person A: face", analyzer=g.analyzer[0], image=source_photo["IMAGE"],
+                   selection="largest", crop_size=224)
+    identity = g.add("IDFusionIdentity", title="person A", faces=source[0], label="person A", size=224)
+    features = g.features(refnet, identity[0])
+    driving_photo = g.add("LoadImage", title="driving pose", image="idfusion_driving_pose.png")
+    driving_image = g.add("ImageScale", image=driving_photo["IMAGE"], upscale_method="lanczos", width=512,
+                          height=512, crop="center")
+    driving = g.add("IDFusionFaceDetect", title="driving: face", analyzer=g.analyzer[0], image=driving_image["IMAGE"],
+                    selection="largest", crop_size=224)
+    landmarks = g.add("IDFusionLandmarkPredictor", source=source[0], driving=driving[0], style="openpose_face",
+                      expression=1.0)
+    controlnet = g.add("ControlNetLoader", control_net_name=CONTROLNET)
+    conditioned = g.add("ControlNetApplyAdvanced", positive=g.positive[0], negative=g.negative[0],
+                        control_net=controlnet[0], image=landmarks[0], strength=0.8, start_percent=0.0,
+                        end_percent=0.8, vae=g.ckpt["VAE"])
+    model = g.add("IDFusionReferenceAttention", model=refnet["MODEL"], features=features, strength=0.6,
+                  blocks="auto (FlashFace: decoder)", position_mask=driving[3])
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    out = g.add("KSampler", model=model["MODEL"], positive=conditioned[0], negative=conditioned[1],
+                latent_image=latent["LATENT"], seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
+                scheduler="karras", denoise=1.0)
+    g.save(out["LATENT"], "pose_driven")
+    return g.workflow()
+
+
+GRAPHS = [flashface_four_references, training_free_sd15, identity_mixing, fused_kv_three_references, two_person_masks,
+          pose_driven_personalization]
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from PIL import Image
 from idf_testlib import face_fixtures as faces
 from idf_testlib.flashface_fixtures import write_tiny_checkpoint_for_sd15_clip
 from idf_testlib.models import SD15_CHECKPOINT
-
 from idf_testlib.workflows import TEST_CROP_SIZE, TEST_IMAGE_SIZE
 
 
@@ -15,18 +14,25 @@ def prepared(server, sd15_checkpoint):
     (model file names of the fixtures, small images, 2 steps, small reference crops)."""
     flashface = write_tiny_checkpoint_for_sd15_clip()
     faces.insightface_pack("antelopev2")
+    faces.sd15_controlnet()
     for person, green, count in (("a", 0, 4), ("b", 20, 2)):
         for i in range(1, count + 1):
             face = faces.MarkerFace(cx=96 + 4 * i, cy=110, width=60 + 2 * i, height=80 + 2 * i, roll=3 * i, green=green)
             image = faces.scene(224, 192, [face], seed=i)
             Image.fromarray(image).save(server.workdir / "input" / f"idfusion_person_{person}_{i}.png")
+    driving = faces.scene(320, 320, [faces.MarkerFace(160, 150, 90, 120, roll=-15)], seed=7)
+    Image.fromarray(driving).save(server.workdir / "input" / "idfusion_driving_pose.png")
 
     def overrides(node_type, name, value):
         if name == "ckpt_name":
             return SD15_CHECKPOINT
+        if name == "control_net_name":
+            return faces.CONTROLNET
+        if name == "det_size":
+            return 320                      # the synthetic detector wants faces under 200 px in its input
         if name == "weights" and str(value).endswith((".ckpt", ".safetensors")):
             return flashface.name
-        if name in ("width", "height") and node_type != "IDFusionFaceAnalysisLoader":
+        if name in ("width", "height"):
             return TEST_IMAGE_SIZE
         if name == "steps":
             return 2

@@ -1,44 +1,23 @@
 """workflows/pose_driven_personalization.json end to end on the test host: the example graph,
 converted to the API format as the frontend does, with the test host's models (random SD1.5
-checkpoint and ControlNet, the synthetic insightface pack), painted photos and a small size."""
+checkpoint and ControlNet, the synthetic insightface pack), painted photos and a small size
+(the ``prepared`` fixture of the e2e tier). Beyond test_workflows.py, it checks the graph's
+wiring and the landmark image the ControlNet gets."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from idf_testlib import face_fixtures as ff
 from idf_testlib import workflows
-from idf_testlib.models import SD15_CHECKPOINT
 from idf_testlib.server import execution_error
 
 WORKFLOW = "pose_driven_personalization.json"
-SIZE = 64
-REFERENCE_SIZE = 64
-SOURCE = ff.MarkerFace(160, 170, 100, 130)
-DRIVING = ff.MarkerFace(160, 150, 90, 120, roll=-15)
-
-
-def host_values(node_type: str, name: str, value):
-    """The example's values, with what the test host has (models, size, steps) swapped in."""
-    swaps = {
-        ("CheckpointLoaderSimple", "ckpt_name"): SD15_CHECKPOINT,
-        ("ControlNetLoader", "control_net_name"): ff.CONTROLNET,
-        ("IDFusionFaceAnalysisLoader", "det_size"): 320,
-        ("ImageScale", "width"): SIZE, ("ImageScale", "height"): SIZE,
-        ("EmptyLatentImage", "width"): SIZE, ("EmptyLatentImage", "height"): SIZE,
-        ("KSampler", "steps"): 2,
-        ("IDFusionIdentity", "size"): REFERENCE_SIZE, ("IDFusionFaceFeatures", "size"): REFERENCE_SIZE,
-    }
-    return swaps.get((node_type, name), value)
+SIZE = workflows.TEST_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
-def prompt(server, sd15_checkpoint):
-    ff.insightface_pack("antelopev2")
-    ff.sd15_controlnet()
-    folder = server.workdir / "input"
-    Image.fromarray(ff.scene(340, 320, [SOURCE])).save(folder / "idfusion_person_a_1.png")
-    Image.fromarray(ff.scene(320, 320, [DRIVING], seed=7)).save(folder / "idfusion_driving_pose.png")
-    return workflows.to_api(workflows.load(WORKFLOW), server.object_info(), host_values)
+def prompt(server, prepared):
+    return workflows.to_api(workflows.load(WORKFLOW), server.object_info(), prepared)
 
 
 def node_of(prompt: dict, class_type: str) -> str:

@@ -8,6 +8,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import sys
+import tempfile
 
 from .paths import CACHE, COMFY, PACK, ROOT
 
@@ -42,6 +43,7 @@ def boot() -> None:
     for folder in ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet"):
         (models / folder).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
+    folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="idfusion-host-temp-"))   # previews of host tests
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     register_pack()
     logging.getLogger("IDFusion").setLevel(logging.DEBUG)

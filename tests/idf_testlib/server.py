@@ -131,7 +131,8 @@ class ComfyServer:
         files = []
         for node_out in entry.get("outputs", {}).values():
             for img in node_out.get("images", []):
-                base = self.workdir / ("output" if img["type"] == "output" else "temp")
+                # ComfyUI writes temporary images into a "temp" folder inside --temp-directory
+                base = self.workdir / "output" if img["type"] == "output" else self.workdir / "temp" / "temp"
                 files.append(base / img.get("subfolder", "") / img["filename"])
         return files
 
