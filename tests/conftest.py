@@ -1,9 +1,7 @@
 """Test tiers, by folder: unit (plain torch), host (ComfyUI in process), e2e (the ComfyUI
 server over HTTP), browser (the frontend in headless chromium). All run by the README's
 test command: ``python3 tools/host.py test``."""
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,7 +55,3 @@ def server(tmp_path_factory):
 def artifacts():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

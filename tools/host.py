@@ -209,7 +209,9 @@ def test(argv: list[str]) -> int:
                PYTHONDONTWRITEBYTECODE="1")
     # --confcutdir keeps pytest from collecting the checkout itself as a package (it has an
     # __init__.py: the pack's), which would import the pack a second time under another name.
-    cmd = [str(PY), "-m", "pytest", str(ROOT / "tests"), "--confcutdir", str(ROOT / "tests")] + list(argv)
+    # Paths among the arguments narrow the run (e.g. `test tests/unit`); otherwise all of tests/.
+    targets = [] if any(not a.startswith("-") and os.path.exists(a) for a in argv) else [str(ROOT / "tests")]
+    cmd = [str(PY), "-m", "pytest", *targets, "--confcutdir", str(ROOT / "tests")] + list(argv)
     log("$ " + " ".join(cmd))
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 

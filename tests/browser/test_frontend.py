@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import in_ci
+from idf_testlib.paths import in_ci
 from idf_testlib.browser import CHROMIUM, TEMPLATE_NAME, FrontendPage, launch_chromium
 from idf_testlib.paths import PACK, ROOT
 

@@ -10,3 +10,8 @@ CACHE = Path(os.environ.get("IDFUSION_TEST_CACHE", ROOT / ".cache" / "fixtures")
 ARTIFACTS = Path(os.environ.get("IDFUSION_TEST_ARTIFACTS", ROOT / "test-artifacts")).resolve()
 #: The package name the pack is imported under in process (the folder name in custom_nodes/).
 PACK = "IDFusion"
+
+
+def in_ci() -> bool:
+    """True on CI (CI=true): there a missing test prerequisite is a failure, never a skip."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
