@@ -11,7 +11,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .feature_cache import DiskCache
 from .identity import tensor_digest
@@ -133,25 +132,3 @@ class ReferenceFeatures(Shared):
         if bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError(f"identity weights must be >= 0 and not all 0, got {list(self.weights)}")
         return w / w.sum()
-
-
-def pad_to_square(images: torch.Tensor, value: float = 1.0) -> torch.Tensor:
-    """[N, H, W, C] → [N, S, S, C] with S = max(H, W), the image centred (FlashFace pads white)."""
-    n, h, w, c = images.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    out = torch.full((n, side, side, c), value, dtype=images.dtype, device=images.device)
-    out[:, top:top + h, left:left + w] = images
-    return out
-
-
-def prepare_crops(images: torch.Tensor, size: int) -> torch.Tensor:
-    """IMAGE batch of face crops → [N, size, size, 3]: RGB only, padded square, resized (area/bicubic)."""
-    images = images[..., :3].float()
-    square = pad_to_square(images)
-    if square.shape[1] == size:
-        return square
-    chw = square.movedim(-1, 1)
-    mode = "area" if square.shape[1] > size else "bicubic"
-    resized = F.interpolate(chw, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return resized.clamp(0, 1).movedim(1, -1)

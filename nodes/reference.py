@@ -34,8 +34,6 @@ def _reference_crops(images, identity) -> tuple[torch.Tensor, str]:
                          f"connect 1 or more face crops")
     if images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"IDFusionFaceFeatures: 'images' must be an IMAGE [N, H, W, C], got shape {tuple(images.shape)}")
-    if images.shape[-1] == 1:
-        images = images.expand(-1, -1, -1, 3)
     return images, "identity"
 
 
@@ -69,7 +67,8 @@ class FaceFeatures(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE that encodes the reference crops to clean latents."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the empty prompt the reference pass runs with."),
                 io.Image.Input("images", optional=True,
-                               tooltip="Face crops of ONE person (1–N). Padded to square and resized. Or use 'identity'."),
+                               tooltip="Face crops of ONE person (1–N): scaled and padded to a black square "
+                                       "(FlashFace's PadToSquare). Or use 'identity'."),
                 types.Identity.Input("identity", optional=True, tooltip="An identity from 'IDFusion Identity' (instead of 'images')."),
                 io.Int.Input("size", default=224, min=64, max=1024, step=8,
                              tooltip="Reference crop size in pixels (FlashFace: 224, i.e. 28×28 latents)."),
@@ -84,10 +83,11 @@ class FaceFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, reference_net, vae, clip, size, disk_cache, images=None, identity=None) -> io.NodeOutput:
         from ..models.feature_cache import DiskCache
-        from ..models.references import ReferenceFeatures, ReferenceIdentity, prepare_crops
+        from ..models.faces import pad_to_square
+        from ..models.references import ReferenceFeatures, ReferenceIdentity
 
         crops, label = _reference_crops(images, identity)
-        crops = prepare_crops(crops, size)
+        crops = pad_to_square(crops, size)
         base = reference_net.model_patcher.model
         latents = vae.encode(crops)
         channels = base.latent_format.latent_channels
