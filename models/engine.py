@@ -77,8 +77,9 @@ class Plan(Shared):
 
 @dataclass(frozen=True)
 class Guidance:
-    """Set by the reference guider per prediction: which cond indices get references
-    (None = all rows) and an optional λ that replaces every reference spec's strength."""
+    """Set by the reference guider per prediction: which cond indices get references — reference
+    attention and fused keys/values alike (None = all rows) — and an optional λ that replaces
+    reference attention's strength."""
 
     ref_conds: frozenset | None = None
     strength: float | None = None
@@ -141,12 +142,13 @@ def weights_fingerprint(base_model, refnet_source: str) -> str:
     return digest
 
 
-def _flatten(value):
-    if isinstance(value, (list, tuple)):
+def _flatten(value, depth: int = 3):
+    """The leaves of a weight patch (tensors inside lists, tuples and adapter objects)."""
+    if depth and isinstance(value, (list, tuple)):
         for v in value:
-            yield from _flatten(v)
-    elif hasattr(value, "__dict__") and not torch.is_tensor(value):
-        yield from _flatten(list(vars(value).values()))
+            yield from _flatten(v, depth - 1)
+    elif depth and hasattr(value, "__dict__") and not torch.is_tensor(value):
+        yield from _flatten(list(vars(value).values()), depth - 1)
     else:
         yield value
 
@@ -225,10 +227,12 @@ def spec_active(spec: Spec, base_model, sigma: float) -> bool:
 
 
 def _row_strength(spec: Spec, conds: torch.Tensor, guidance: Guidance | None) -> torch.Tensor:
+    """Per row: the spec's strength where the guider gives references (all rows without a
+    guider), 0 elsewhere. The guider's λ replaces reference attention's strength only."""
     strength = spec.strength
     on = torch.ones(len(conds), dtype=torch.bool)
-    if guidance is not None and spec.kind == "reference":
-        if guidance.strength is not None:
+    if guidance is not None:
+        if guidance.strength is not None and spec.kind == "reference":
             strength = guidance.strength
         if guidance.ref_conds is not None:
             on = torch.tensor([int(c) in guidance.ref_conds for c in conds], dtype=torch.bool)

@@ -92,7 +92,7 @@ class AttentionRecorder:
             scores = qh @ kh.transpose(-1, -2) / d ** 0.5
             if mask is not None:
                 scores = scores + (mask if mask.ndim == 4 else mask.unsqueeze(1))
-            self.calls.append((tuple(to["block"]), to.get("original_shape"), lq, torch.softmax(scores, dim=-1)))
+            self.calls.append((tuple(to["block"]), list(to.get("cond_or_uncond", [])), lq, torch.softmax(scores, dim=-1)))
         return func(q, k, v, heads, mask=mask, **kwargs)
 
 
@@ -177,3 +177,22 @@ def test_bad_masks_are_clear_errors(sd15):
     tall = fused(sd15, features, mode=REGION, masks=id_masks(halves(256, 64)))
     with pytest.raises(ValueError, match="identity masks is 64×256"):
         E.sample(tall, steps=1)
+
+
+def test_under_the_guider_fused_kv_joins_only_the_reference_branch(sd15):
+    """Three-way guidance: the text and none branches see no faces, the text+ref branch does."""
+    from IDFusion.models.engine import GUIDANCE, Guidance
+    features = E.training_free_features(sd15, E.identity(1))
+    patched = fused(sd15, features)
+    recorder = AttentionRecorder()
+    patched.model_options["transformer_options"]["optimized_attention_override"] = recorder
+    patched.model_options["transformer_options"][GUIDANCE] = Guidance(ref_conds=frozenset({0}))
+    positive, negative = E.conditioning(5), E.conditioning(6)
+    guider = E.plain_guider(patched, positive, negative, cfg=3.0)
+    E.denoised_once(guider)
+    assert recorder.calls
+    for _, conds, _, probs in recorder.calls:                 # one row per cond, in cond_or_uncond order
+        assert sorted(conds) == [0, 1] and probs.shape[0] == 2
+        ref, other = conds.index(0), conds.index(1)
+        assert torch.count_nonzero(probs[other, ..., 77:]) == 0
+        assert bool((probs[ref, ..., 77:].sum(-1) > 0).all())
