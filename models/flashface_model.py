@@ -12,25 +12,6 @@ import torch
 
 from .references import FlashFaceModules
 
-#: FlashFace is SD1.5: 8 heads everywhere. Heads leave no trace in the weights' shapes.
-FLASHFACE_HEADS = 8
-
-
-def unet_config_for(unet_sd: dict, in_channels: int) -> dict:
-    """SD1.5's UNet config with the widths read off the weights."""
-    model_channels = unet_sd["input_blocks.0.0.weight"].shape[0]
-    context_dim = unet_sd["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    return {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": in_channels, "model_channels": model_channels,
-        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": context_dim, "num_heads": FLASHFACE_HEADS, "num_head_channels": -1,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-
-
 def _dtypes(model_config, load_device):
     import comfy.model_management as mm
     dtype = mm.unet_dtype(model_params=0, supported_dtypes=model_config.supported_inference_dtypes)
@@ -41,12 +22,14 @@ def _dtypes(model_config, load_device):
 def build_unet_model(unet_sd: dict):
     """The fine-tuned FlashFace UNet as a ComfyUI ModelPatcher (five input channels)."""
     import comfy.model_base
+    import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    in_channels = unet_sd["input_blocks.0.0.weight"].shape[1]
-    model_config = comfy.supported_models.SD15(unet_config_for(unet_sd, in_channels))
+    # widths, depths and the five input channels as ComfyUI reads them off the weights; SD15's
+    # config adds FlashFace's 8 heads (heads leave no trace in the shapes)
+    model_config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(unet_sd, ""))
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype, manual_cast = _dtypes(model_config, load_device)
     model_config.set_inference_dtype(dtype, manual_cast)
@@ -89,11 +72,11 @@ def build_reference_modules(weights, model_patcher, source: str) -> FlashFaceMod
     operations = comfy.ops.pick_operations(dtype, base.manual_cast_dtype)
     offload = mm.unet_offload_device()
     ref_unet = UNetModel(**config, device=offload, operations=operations)
+    heads = config["num_heads"]
     extra = torch.nn.ModuleDict()
     for key, tensors in weights.extra_attention.items():
         dim = tensors["to_q.weight"].shape[0]
-        extra[f"{key[0]}_{key[1]}_{key[2]}"] = CrossAttention(query_dim=dim, heads=FLASHFACE_HEADS,
-                                                             dim_head=dim // FLASHFACE_HEADS, dtype=dtype,
+        extra[f"{key[0]}_{key[1]}_{key[2]}"] = CrossAttention(query_dim=dim, heads=heads, dim_head=dim // heads, dtype=dtype,
                                                              device=offload, operations=operations)
     holder = _ReferenceModules(ref_unet.input_blocks, ref_unet.output_blocks, extra)
     sd = dict(weights.reference)

@@ -77,13 +77,6 @@ def data(flashface):
     }
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(host):
-    from IDFusion.models.feature_cache import FEATURE_CACHE
-    FEATURE_CACHE.reset()
-    yield
-
-
 # --- the two sides ----------------------------------------------------------------------------
 
 def patched(flashface, data, strength, count=4, position_mask=None):

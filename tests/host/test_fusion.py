@@ -3,22 +3,10 @@ import pytest
 import torch
 
 from idf_testlib import engine as E
-from idf_testlib import models
 
 ALL = "all (input + middle + output)"
 TRAINING_FREE = "training-free (self-attention projections)"
 MIX, REGION = "mix (weights)", "by region (identity masks)"
-
-
-@pytest.fixture(scope="module")
-def sd15(host):
-    return models.tiny_sd15()
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(host):
-    from IDFusion.models.feature_cache import FEATURE_CACHE
-    FEATURE_CACHE.reset()
 
 
 def fused(model, features, weight=1.0, mode=MIX, outside="all", masks=None, blocks=ALL):

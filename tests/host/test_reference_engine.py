@@ -10,18 +10,6 @@ AUTO = "auto (FlashFace: decoder)"
 MIX = "mix (weights)"
 
 
-@pytest.fixture(scope="module")
-def sd15(host):
-    return models.tiny_sd15()
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(host):
-    from IDFusion.models.feature_cache import FEATURE_CACHE
-    FEATURE_CACHE.reset()
-    yield
-
-
 def patch_reference(model, features, strength=0.85, blocks=AUTO, mode=MIX, outside="all", **kw):
     from IDFusion.nodes.reference import ReferenceAttention
     return ReferenceAttention.execute(model, features, strength, kw.pop("start", 0.0), kw.pop("end", 1.0), blocks,

@@ -4,13 +4,7 @@ import pytest
 import torch
 
 from idf_testlib import engine as E
-from idf_testlib import models
 from idf_testlib.flashface_fixtures import write_tiny_checkpoints
-
-
-@pytest.fixture(scope="module")
-def sd15(host):
-    return models.tiny_sd15()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ written once into the fixture cache and reused.
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -87,7 +88,7 @@ def tiny_sdxl(seed: int = 0):
 SD15_CHECKPOINT = "idfusion-random-sd15.safetensors"
 
 
-def sd15_checkpoint() -> "Path":
+def sd15_checkpoint() -> Path:
     """A full-size random SD1.5 checkpoint (UNet, CLIP-L, VAE) that CheckpointLoaderSimple loads."""
     path = CACHE / "models" / "checkpoints" / SD15_CHECKPOINT
     if path.is_file():

@@ -4,7 +4,6 @@ when you press Queue)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .paths import ROOT
 
