@@ -188,9 +188,6 @@ class FaceAnalyzer:
     def __repr__(self) -> str:
         return f"FaceAnalyzer({self.name!r}, {self.provider}, det_size={self.det_size})"
 
-    def has(self, task: str) -> bool:
-        return task in self.app.models
-
     def detect(self, rgb: np.ndarray, min_score: float, image_index: int = 0) -> list[Face]:
         """All faces in an RGB uint8 image [H, W, 3] with a score >= min_score, best first."""
         from insightface.app.common import Face as InsightFace

@@ -44,6 +44,15 @@ class CacheKey:
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 over dtype, shape and bytes of a tensor (on the CPU, contiguous)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def feature_name(key: FeatureKey) -> str:
     (block, number, index), kind = key
     return f"{block}.{number}.{index}.{kind}"

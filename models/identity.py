@@ -1,8 +1,7 @@
 """An identity: the reference face crops (and, when known, embeddings) of one person."""
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +21,6 @@ class Identity:
     label: str = "identity"
     embeddings: torch.Tensor | None = None
     aligned: torch.Tensor | None = None
-    _digest: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if self.crops.ndim != 4 or self.crops.shape[-1] != 3 or self.crops.shape[0] < 1:
@@ -36,25 +34,9 @@ class Identity:
     def count(self) -> int:
         return int(self.crops.shape[0])
 
-    @property
-    def digest(self) -> str:
-        """Content address of the reference pixels (identical crops give identical digests)."""
-        if not self._digest:
-            self._digest.append(tensor_digest(self.crops))
-        return self._digest[0]
-
     def mean_embedding(self) -> torch.Tensor | None:
         """The identity's embedding: the normalised mean of its photos' embeddings."""
         if self.embeddings is None:
             return None
         mean = self.embeddings.float().mean(0)
         return mean / mean.norm().clamp_min(1e-12)
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 over dtype, shape and bytes of a tensor (on the CPU, contiguous)."""
-    t = t.detach().to("cpu").contiguous()
-    h = hashlib.sha256()
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .feature_cache import DiskCache
-from .identity import tensor_digest
+from .feature_cache import DiskCache, tensor_digest
 
 TRAINING_FREE = "training-free"
 FLASHFACE = "flashface"

@@ -10,9 +10,8 @@ from comfy_api.latest import io
 
 from . import types
 from .loaders import register_folder
-from .reference import OUTSIDE_CHOICES, build_routing
-from .unet_blocks import (ALL, SELECTIONS, attn2_replace, block_table, get_option, require_unet, select_blocks,
-                          set_apply_model_wrapper, set_attn2_replace, set_option, transformer_blocks)
+from .reference import OUTSIDE_CHOICES, add_to_plan, build_routing, check_patch_inputs
+from .unet_blocks import ALL, SELECTIONS, attn2_replace, block_table, select_blocks, set_attn2_replace, transformer_blocks
 
 logger = logging.getLogger("IDFusion")
 
@@ -65,19 +64,16 @@ class FusedKV(io.ComfyNode):
     @classmethod
     def execute(cls, model, features, weight, start_percent, end_percent, blocks, adapter, identity_mode, outside,
                 identity_masks=None) -> io.NodeOutput:
-        from ..models.engine import PLAN, Plan, Spec, apply_model_wrapper
+        from ..models.engine import Spec
 
-        require_unet(model, NODE)
-        if start_percent > end_percent:
-            raise ValueError(f"{NODE}: start_percent ({start_percent}) is after end_percent ({end_percent})")
+        check_patch_inputs(NODE, model, start_percent, end_percent)
         routing = build_routing(NODE, features, identity_mode, identity_masks, outside)
         m = model.clone()
         selected = select_blocks(block_table(m), blocks)
         spec = Spec("fused_kv", features, selected, "attn2", weight, start_percent, end_percent, routing)
         projections = load_projections(m, selected, adapter)
         patch_fused_kv(m, spec, projections)
-        set_option(m, PLAN, (get_option(m, PLAN) or Plan()).with_spec(spec))
-        set_apply_model_wrapper(m, apply_model_wrapper)
+        add_to_plan(m, spec)
         return io.NodeOutput(m)
 
 

@@ -218,13 +218,11 @@ class ReferenceAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, features, strength, start_percent, end_percent, blocks, identity_mode, outside,
                 identity_masks=None, position_mask=None) -> io.NodeOutput:
-        from ..models.engine import PLAN, POSITION, Plan, Spec, apply_model_wrapper
+        from ..models.engine import POSITION, Spec
         from ..models.references import FLASHFACE
 
         node = "IDFusionReferenceAttention"
-        require_unet(model, node)
-        if start_percent > end_percent:
-            raise ValueError(f"{node}: start_percent ({start_percent}) is after end_percent ({end_percent})")
+        check_patch_inputs(node, model, start_percent, end_percent)
         mask = check_position_mask(node, position_mask)
         flashface = features.refnet.kind == FLASHFACE
         routing = build_routing(node, features, identity_mode, identity_masks, outside, None if flashface else mask)
@@ -247,9 +245,23 @@ class ReferenceAttention(io.ComfyNode):
             selected = select_blocks(table, DECODER if blocks == AUTO else blocks)
             spec = Spec("reference", features, selected, "attn1", strength, start_percent, end_percent, routing)
             patch_training_free(m, spec)
-        set_option(m, PLAN, (get_option(m, PLAN) or Plan()).with_spec(spec))
-        set_apply_model_wrapper(m, apply_model_wrapper)
+        add_to_plan(m, spec)
         return io.NodeOutput(m)
+
+
+def check_patch_inputs(node: str, model, start_percent: float, end_percent: float) -> None:
+    require_unet(model, node)
+    if start_percent > end_percent:
+        raise ValueError(f"{node}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
+                         f"make start_percent the smaller")
+
+
+def add_to_plan(m, spec) -> None:
+    """Add a patch node's spec to the MODEL clone's plan and install the (single) wrapper that
+    runs the reference passes for every spec."""
+    from ..models.engine import PLAN, Plan, apply_model_wrapper
+    set_option(m, PLAN, (get_option(m, PLAN) or Plan()).with_spec(spec))
+    set_apply_model_wrapper(m, apply_model_wrapper)
 
 
 def patch_training_free(m, spec) -> None:

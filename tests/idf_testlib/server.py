@@ -92,9 +92,6 @@ class ComfyServer:
         except OSError:
             return ""
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and requests.get(self.url + "/system_stats", timeout=5).ok
-
     # --- the HTTP API -------------------------------------------------------------------
     def get(self, path: str, **kw):
         r = requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
