@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..models import faces as face_models
-from ..models import parsing
+from ..models.faces import analysis as face_models
+from ..models.faces import parsing
 from . import types
 
 logger = logging.getLogger("IDFusion")

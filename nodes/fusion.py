@@ -82,7 +82,7 @@ def load_projections(m, blocks, adapter: str):
     modules = transformer_blocks(m.model.diffusion_model)
     if adapter == TRAINING_FREE_ADAPTER:
         return {k: (modules[k].attn1.to_k, modules[k].attn1.to_v) for k in blocks}, None
-    from ..models.fused_kv_adapter import load_adapter
+    from ..models.fusion.adapter import load_adapter
 
     path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter)
     if path is None:

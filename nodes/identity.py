@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..models.faces import pad_to_square
-from ..models.identity import Identity
+from ..models.faces.analysis import pad_to_square
+from ..models.faces.identity import Identity
 from . import types
 
 

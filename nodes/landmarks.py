@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from comfy_api.latest import io, ui
 
-from ..models import landmarks
-from ..models.faces import mean_face
+from ..models.faces import landmarks
+from ..models.faces.analysis import mean_face
 from . import types
 
 

@@ -71,8 +71,8 @@ def load_flashface(path: str):
     """(MODEL, ReferenceNet) from a FlashFace checkpoint, with A′ patched onto the UNet."""
     import comfy.utils
 
-    from ..models.flashface_model import build_reference_modules, build_unet_model
-    from ..models.flashface_weights import load_flashface as read_weights
+    from ..models.flashface.unet import build_reference_modules, build_unet_model
+    from ..models.flashface.weights import load_flashface as read_weights
     from ..models.patches import FlashFaceAttention
     from ..models.engine import apply_model_wrapper
     from ..models.references import FLASHFACE, ReferenceNet

@@ -120,7 +120,7 @@ class FacePositionMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, width, height, x1, y1, x2, y2) -> io.NodeOutput:
-        from ..models.faces import position_mask_from_box
+        from ..models.faces.analysis import position_mask_from_box
 
         if x2 <= x1 or y2 <= y1:
             raise ValueError(f"IDFusionFacePositionMask: the box [{x1}, {y1}, {x2}, {y2}] is empty; x2 must exceed x1 "

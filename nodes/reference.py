@@ -83,7 +83,7 @@ class FaceFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, reference_net, vae, clip, size, disk_cache, images=None, identity=None) -> io.NodeOutput:
         from ..models.feature_cache import DiskCache
-        from ..models.faces import pad_to_square
+        from ..models.faces.analysis import pad_to_square
         from ..models.references import ReferenceFeatures, ReferenceIdentity
 
         crops, label = _reference_crops(images, identity)

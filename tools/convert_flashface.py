@@ -7,7 +7,7 @@
 The official ``flashface.ckpt`` (10.6 GB, fp32) holds three copies of the UNet; the result
 keeps the main UNet, the reference network's encoder/decoder and the extra attentions, in
 ComfyUI's key names and fp16 (about 3.3 GB), and loads faster. Needs only torch and
-safetensors, not ComfyUI; ``models/flashface_weights.py`` is loaded by its path, so the
+safetensors, not ComfyUI; ``models/flashface/weights.py`` is loaded by its path, so the
 pack's folder may have any name. Progress goes to stderr.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-MODULE_PATH = Path(__file__).resolve().parent.parent / "models" / "flashface_weights.py"
+MODULE_PATH = Path(__file__).resolve().parent.parent / "models" / "flashface" / "weights.py"
 
 
 def load_weights_module():
-    """models/flashface_weights.py as a standalone module (it imports only torch and safetensors)."""
+    """models/flashface/weights.py as a standalone module (it imports only torch and safetensors)."""
     spec = importlib.util.spec_from_file_location("idfusion_flashface_weights", MODULE_PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

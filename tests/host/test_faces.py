@@ -23,7 +23,7 @@ def packs(host):
 
 @pytest.fixture(scope="module")
 def analyzer(packs):
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     return load_analyzer("antelopev2", "auto", DET_SIZE)
 
 
@@ -57,7 +57,7 @@ def no_downloads(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(ff.PACK_FILES))
 def test_the_real_insightface_routes_each_synthetic_file_to_its_task(packs, name, no_downloads):
-    from IDFusion.models.faces import PACK_FILES, TASKS, load_analyzer
+    from IDFusion.models.faces.analysis import PACK_FILES, TASKS, load_analyzer
     assert sorted(p.name for p in packs[name].glob("*.onnx")) == sorted(PACK_FILES[name])
     analyzer = load_analyzer(name, "CPU", DET_SIZE)
     routed = {task: model.model_file.rsplit("/", 1)[-1] for task, model in analyzer.app.models.items()}
@@ -66,12 +66,12 @@ def test_the_real_insightface_routes_each_synthetic_file_to_its_task(packs, name
 
 
 def test_the_loader_lists_packs_found_in_the_comfy_folder(packs):
-    from IDFusion.models.faces import pack_names
+    from IDFusion.models.faces.analysis import pack_names
     assert {"antelopev2", "buffalo_l"} <= set(pack_names())
 
 
 def test_a_missing_pack_names_its_files_and_where_they_go(insightface_models, no_downloads):
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     with pytest.raises(FileNotFoundError) as error:
         load_analyzer("buffalo_l", "auto", DET_SIZE)
     message = str(error.value)
@@ -81,7 +81,7 @@ def test_a_missing_pack_names_its_files_and_where_they_go(insightface_models, no
 
 
 def test_a_pack_nested_one_folder_too_deep_says_which_files_to_move(packs, insightface_models, no_downloads):
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     nested = insightface_models / "models" / "antelopev2" / "antelopev2"
     shutil.copytree(packs["antelopev2"], nested)
     with pytest.raises(FileNotFoundError, match="nested one folder too deep") as error:
@@ -90,7 +90,7 @@ def test_a_pack_nested_one_folder_too_deep_says_which_files_to_move(packs, insig
 
 
 def test_a_pack_without_a_detector_is_refused_by_name(packs, insightface_models, no_downloads):
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     folder = insightface_models / "models" / "partial"
     folder.mkdir(parents=True)
     shutil.copy(packs["antelopev2"] / "glintr100.onnx", folder)
@@ -110,14 +110,14 @@ def test_a_pack_without_a_detector_is_refused_by_name(packs, insightface_models,
 ])
 def test_provider_choice_and_cpu_fallback(host, choice, available, providers, reason):
     """Provider names are onnxruntime's without the 'ExecutionProvider' suffix here."""
-    from IDFusion.models.faces import choose_providers
+    from IDFusion.models.faces.analysis import choose_providers
     chosen, problem = choose_providers(choice, [f"{name}ExecutionProvider" for name in available])
     assert chosen == [f"{name}ExecutionProvider" for name in providers]
     assert (problem is None) if reason is None else (reason in problem)
 
 
 def test_an_unavailable_provider_falls_back_to_cpu_with_one_log_line(packs, caplog):
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     with caplog.at_level(logging.INFO, logger="IDFusion"):
         analyzer = load_analyzer("buffalo_l", "CUDA", DET_SIZE)
     lines = [r.getMessage() for r in caplog.records if r.name == "IDFusion"]
@@ -206,7 +206,7 @@ def test_an_index_past_the_last_face_says_how_many_there_are(analyzer):
 def test_flashface_crop_levels_the_eyes_and_keeps_only_the_box(analyzer):
     truth = ff.MarkerFace(200, 180, 90, 120, roll=25)
     image = ff.scene(360, 400, [truth])
-    from IDFusion.models.faces import flashface_crop, flashface_transform
+    from IDFusion.models.faces.analysis import flashface_crop, flashface_transform
     face = analyzer.detect(image, 0.5)[0]
     matrix = flashface_transform(face.bbox, face.kps, 224)
     eyes = face.kps[:2] @ matrix[:, :2].T + matrix[:, 2]
@@ -223,7 +223,7 @@ def test_flashface_crop_levels_the_eyes_and_keeps_only_the_box(analyzer):
 
 
 def test_flashface_crop_is_the_raw_box_padded_to_a_square(host):
-    from IDFusion.models.faces import flashface_crop
+    from IDFusion.models.faces.analysis import flashface_crop
     image = np.zeros((100, 200, 3), np.float32)
     image[20:80, 50:90] = 1.0
     kps = np.array([[60, 40], [80, 40], [70, 50], [62, 65], [78, 65]], float)
@@ -237,7 +237,7 @@ def test_flashface_crop_is_the_raw_box_padded_to_a_square(host):
 def test_arcface_crop_is_insightfaces_norm_crop(analyzer):
     from insightface.utils import face_align
 
-    from IDFusion.models.faces import arcface_crop, arcface_transform
+    from IDFusion.models.faces.analysis import arcface_crop, arcface_transform
     image = ff.scene(300, 300, [ff.MarkerFace(150, 150, 75, 100, roll=-15)])
     face = analyzer.detect(image, 0.5)[0]
     np.testing.assert_allclose(arcface_transform(face.kps), face_align.estimate_norm(face.kps), atol=1e-4)
@@ -253,7 +253,7 @@ def test_arcface_crop_is_insightfaces_norm_crop(analyzer):
     ((-10.0, -5.0, 20.0, 20.0), 100, 100, (0, 25, 0, 20)),    # starts outside the image
 ])
 def test_position_mask_follows_flashface_box_to_square_rule(host, box, height, width, square):
-    from IDFusion.models.faces import position_mask_from_box
+    from IDFusion.models.faces.analysis import position_mask_from_box
     mask = position_mask_from_box(box, height, width)
     top, bottom, left, right = square
     expected = torch.zeros(height, width)
@@ -262,7 +262,7 @@ def test_position_mask_follows_flashface_box_to_square_rule(host, box, height, w
 
 
 def test_the_node_position_mask_is_the_union_of_its_faces(analyzer):
-    from IDFusion.models.faces import position_mask_from_box
+    from IDFusion.models.faces.analysis import position_mask_from_box
     image = ff.to_image(ff.scene(256, 320, [ff.MarkerFace(80, 128, 60, 80), ff.MarkerFace(240, 128, 60, 80)]))
     faces, _, _, masks, _ = detect_node(analyzer, image, selection="left_to_right")
     union = torch.maximum(*(position_mask_from_box(f.bbox, 256, 320) for f in faces.all))
@@ -311,7 +311,7 @@ def test_a_face_painted_on_a_real_photo_is_the_only_one_found(analyzer):
 
 
 def test_pad_to_square_centres_on_black(host):
-    from IDFusion.models.faces import pad_to_square
+    from IDFusion.models.faces.analysis import pad_to_square
     images = torch.ones(2, 50, 100, 4)
     out = pad_to_square(images, 64)
     assert tuple(out.shape) == (2, 64, 64, 3)
@@ -320,6 +320,6 @@ def test_pad_to_square_centres_on_black(host):
 
 
 def test_eye_angle_sign(host):
-    from IDFusion.models.faces import eye_angle
+    from IDFusion.models.faces.analysis import eye_angle
     assert eye_angle(np.array([[0, 0], [10, 10]])) == pytest.approx(math.pi / 4)
     assert eye_angle(np.array([[0, 10], [10, 0]])) == pytest.approx(-math.pi / 4)

@@ -16,7 +16,7 @@ TOLERANCE = 1.5
 @pytest.fixture(scope="module")
 def analyzer(host):
     ff.insightface_pack("antelopev2")
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     return load_analyzer("antelopev2", "CPU", 320)
 
 
@@ -36,8 +36,8 @@ NARROW = ff.MarkerFace(230, 150, 70, 110, roll=20)  # a narrow face, turned 20 d
 
 
 def test_the_source_shape_is_drawn_in_the_driving_pose(analyzer):
-    from IDFusion.models import landmarks as lm
-    from IDFusion.models.faces import mean_face
+    from IDFusion.models.faces import landmarks as lm
+    from IDFusion.models.faces.analysis import mean_face
     source = faces_of(analyzer, ff.scene(340, 320, [WIDE]))
     driving = faces_of(analyzer, ff.scene(300, 420, [NARROW], seed=2))
     control, result = predict(source, driving)
@@ -58,7 +58,7 @@ def test_the_same_photo_as_source_and_driving_gives_its_own_landmarks(analyzer):
 
 
 def test_instantid_control_has_its_coloured_dots_on_the_predicted_keypoints(analyzer):
-    from IDFusion.models import landmarks as lm
+    from IDFusion.models.faces import landmarks as lm
     source = faces_of(analyzer, ff.scene(340, 320, [WIDE]))
     driving = faces_of(analyzer, ff.scene(300, 420, [NARROW], seed=2))
     control, result = predict(source, driving)
@@ -96,7 +96,7 @@ def test_a_source_without_a_face_is_an_error(analyzer):
 def test_a_pack_without_the_3d_model_is_named(host, monkeypatch, tmp_path):
     import folder_paths
 
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     pack = tmp_path / "models" / "no3d"
     shutil.copytree(ff.insightface_pack("antelopev2"), pack)
     (pack / "1k3d68.onnx").unlink()

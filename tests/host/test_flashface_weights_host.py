@@ -16,7 +16,7 @@ BLOCKS_WITH_EXTRA = [("middle", 0, 0)] + [("output", n, 0) for n in range(3, 12)
 
 @pytest.fixture(scope="module")
 def fw(host):
-    from IDFusion.models import flashface_weights
+    from IDFusion.models.flashface import weights as flashface_weights
     return flashface_weights
 
 

@@ -9,7 +9,7 @@ from idf_testlib import face_fixtures as ff
 @pytest.fixture(scope="module")
 def analyzer(host):
     ff.insightface_pack("antelopev2")
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     return load_analyzer("antelopev2", "CPU", 320)
 
 
@@ -32,7 +32,7 @@ def photo(cx, cy, roll=0.0, green=0, seed=0):
 
 
 def test_several_photos_of_one_person_make_one_identity(analyzer):
-    from IDFusion.models.identity import Identity
+    from IDFusion.models.faces.identity import Identity
     faces, crops, aligned, _, _ = detect(analyzer, photo(120, 150), photo(200, 170, roll=15, seed=1),
                                          photo(160, 140, roll=-10, seed=2))
     identity, shown = identity_node(faces=faces)

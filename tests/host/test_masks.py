@@ -48,12 +48,12 @@ def test_masks_at_the_same_aspect_ratio_are_resized(host):
 
 
 def face(x1, y1, x2, y2):
-    from IDFusion.models.faces import Face
+    from IDFusion.models.faces.analysis import Face
     return Face(bbox=(x1, y1, x2, y2), score=0.9, kps=np.zeros((5, 2)))
 
 
 def faces_of(per_image, sizes):
-    from IDFusion.models.faces import Faces
+    from IDFusion.models.faces.analysis import Faces
     return Faces(tuple(tuple(f) for f in per_image), tuple(sizes), torch.zeros(0, 8, 8, 3), torch.zeros(0, 8, 8, 3))
 
 

@@ -15,7 +15,7 @@ def weights(host):
 
 @pytest.fixture(scope="module")
 def parser(weights):
-    from IDFusion.models.parsing import load_parser
+    from IDFusion.models.faces.parsing import load_parser
     return load_parser("parsing_bisenet.pth")
 
 
@@ -53,7 +53,7 @@ def test_the_parser_is_facexlibs_bisenet_with_the_files_weights(weights, parser,
     import torch.nn.functional as F
     from facexlib.parsing import init_parsing_model
 
-    from IDFusion.models.parsing import MEAN, STD
+    from IDFusion.models.faces.parsing import MEAN, STD
     assert isinstance(parser.patcher, comfy.model_patcher.ModelPatcher)
     reference = init_parsing_model("bisenet", device="cpu", model_rootpath=str(weights))
     image = photos()[0]
@@ -64,7 +64,7 @@ def test_the_parser_is_facexlibs_bisenet_with_the_files_weights(weights, parser,
 
 
 def test_region_masks_and_preview_follow_the_labels_of_real_photos(parser):
-    from IDFusion.models.parsing import LABELS, PALETTE, REGIONS
+    from IDFusion.models.faces.parsing import LABELS, PALETTE, REGIONS
     image = photos()
     *regions, selected, preview = parse_node(parser, image, "hair, 4, l_lip")
     labels = torch.stack([parser.parse(im) for im in image])
@@ -91,7 +91,7 @@ def test_grayscale_and_rgba_images_are_parsed(parser, channels):
 
 
 def test_labels_by_name_or_number_and_a_bad_one_is_named(parser):
-    from IDFusion.models.parsing import parse_label_list
+    from IDFusion.models.faces.parsing import parse_label_list
     assert parse_label_list("hair, 4,l_lip ,") == (17, 4, 13)
     with pytest.raises(ValueError, match="IDFusionFaceParse: labels: 'nostril' is not a face-parsing label: .* hair"):
         parse_node(parser, torch.rand(1, 64, 64, 3), "hair, nostril")
@@ -100,7 +100,7 @@ def test_labels_by_name_or_number_and_a_bad_one_is_named(parser):
 def test_missing_weights_say_where_to_put_facexlibs_file(host, monkeypatch, tmp_path, no_downloads):
     import folder_paths
 
-    from IDFusion.models.parsing import load_parser
+    from IDFusion.models.faces.parsing import load_parser
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "facexlib", ([str(tmp_path)], set()))
     with pytest.raises(FileNotFoundError, match=f"parsing_bisenet.pth.* in {tmp_path}. IDFusion never downloads"):
         load_parser("parsing_bisenet.pth")
@@ -111,7 +111,7 @@ def test_a_file_that_is_not_bisenet_is_refused(weights, monkeypatch, tmp_path):
 
     import folder_paths
 
-    from IDFusion.models.parsing import load_parser, model_names
+    from IDFusion.models.faces.parsing import load_parser, model_names
     shutil.copy(weights / "detection_Resnet50_Final.pth", tmp_path / "parsing_other.pth")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "facexlib", ([str(tmp_path)], set()))
     assert "parsing_other.pth" in model_names()
@@ -122,7 +122,7 @@ def test_a_file_that_is_not_bisenet_is_refused(weights, monkeypatch, tmp_path):
 def test_parsing_runs_on_detected_face_crops(parser):
     """The intended wiring: Face Detect's crops into Face Parse."""
     ff.insightface_pack("antelopev2")
-    from IDFusion.models.faces import load_analyzer
+    from IDFusion.models.faces.analysis import load_analyzer
     from IDFusion.nodes.faces import FaceDetect
     analyzer = load_analyzer("antelopev2", "CPU", 320)
     image = ff.to_image(ff.paint(ff.astronaut(), ff.MarkerFace(230, 130, 90, 120)))

@@ -13,7 +13,7 @@ The module tree here reproduces, in parameter names and shapes, the official Fla
 - ``ori_encoder``/``ori_middle``/``ori_decoder``: aliases of the main UNet's parts, so the
   saved state dict holds a second copy of them.
 
-It is written from the official code, independently of ``models/flashface_weights.py``,
+It is written from the official code, independently of ``models/flashface/weights.py``,
 so the mapping tests are not circular. ``OfficialUNet.forward`` runs like the official
 UNet without reference attention, so a ComfyUI UNet holding the mapped weights can be
 compared with it on outputs.

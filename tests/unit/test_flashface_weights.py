@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from IDFusion.models import flashface_weights as fw
+from IDFusion.models.flashface import weights as fw
 from idf_testlib import flashface_fixtures as fx
 from idf_testlib.paths import ROOT
 
@@ -213,7 +213,7 @@ def test_convert_refuses_to_overwrite_its_source(files, tmp_path):
 
 def test_cli_from_a_copy_with_any_folder_name(tmp_path, files):
     clone = tmp_path / "some clone name"
-    for rel in ("models/flashface_weights.py", "tools/convert_flashface.py"):
+    for rel in ("models/flashface/weights.py", "tools/convert_flashface.py"):
         (clone / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, clone / rel)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

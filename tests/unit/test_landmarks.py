@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from IDFusion.models import landmarks as lm
+from IDFusion.models.faces import landmarks as lm
 
 
 def arc(n, cx, cy, rx, ry, start, stop, z=0.0):

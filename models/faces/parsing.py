@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .faces import ensure_model_folder
+from .analysis import ensure_model_folder
 
 logger = logging.getLogger("IDFusion")
 

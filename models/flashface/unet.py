@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .references import FlashFaceModules
+from ..references import FlashFaceModules
 
 def _dtypes(model_config, load_device):
     import comfy.model_management as mm

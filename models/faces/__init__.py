@@ -1,0 +1,1 @@
+"""Faces: insightface analysis and crops, facexlib parsing, identities, the landmark predictor."""

@@ -1,0 +1,1 @@
+"""FlashFace (ali-vilab/FlashFace): its released weights in ComfyUI names and the objects built from them."""

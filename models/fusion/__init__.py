@@ -1,0 +1,1 @@
+"""Face fusion: trained fused-KV adapter weights."""
