@@ -9,10 +9,9 @@ import pytest
 from PIL import Image
 
 from idf_testlib.models import SD15_CHECKPOINT
-from idf_testlib.paths import COMFY, HOST, PACK, ROOT
+from idf_testlib.paths import HOST, PACK, PACK_LINK, ROOT
 from idf_testlib.server import execution_error
 
-PACK_LINK = COMFY / "custom_nodes" / PACK
 #: ``RELATIVE_PYTHON_MODULE`` the loader gives every node of the pack (``python_module`` in /object_info).
 PACK_MODULE = f"custom_nodes.{PACK}"
 #: A line of the loader's summary, e.g. "   0.1 seconds (IMPORT FAILED): /path/custom_nodes/IDFusion".

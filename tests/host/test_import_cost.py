@@ -6,14 +6,14 @@ The measured time is written to ``<artifacts>/import_time.txt``."""
 import json
 import subprocess
 
-from idf_testlib.paths import COMFY, PACK, VENV_PY
+from idf_testlib.paths import COMFY, VENV_PY, ensure_pack_link
 
 #: Libraries only a running face node may import.
 HEAVY = ("insightface", "facexlib", "onnxruntime", "cv2")
 #: Seconds the pack may add to ComfyUI's start-up (measured: about 0.05 s on 2 cores).
 LOAD_BUDGET_S = 2.0
 
-#: Runs in a fresh interpreter: argv = ComfyUI folder, the pack's folder in custom_nodes/.
+#: Runs in a fresh interpreter: argv = ComfyUI folder, the pack's folder in a custom_nodes folder.
 PROBE = r"""
 import asyncio, importlib.util, json, os, sys, time
 comfy_dir, pack_dir, heavy = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
@@ -44,7 +44,7 @@ print(json.dumps({
 
 def measure_pack_load() -> dict:
     """Import the pack as ComfyUI's loader does, call its entry point and build every schema."""
-    pack_dir = COMFY / "custom_nodes" / PACK
+    pack_dir = ensure_pack_link()
     done = subprocess.run([str(VENV_PY), "-c", PROBE, str(COMFY), str(pack_dir), ",".join(HEAVY)],
                           capture_output=True, text=True, cwd=COMFY, timeout=600)
     assert done.returncode == 0, f"loading the pack failed:\n{done.stderr[-6000:]}"

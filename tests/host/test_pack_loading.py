@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from idf_testlib.paths import COMFY, PACK
+from idf_testlib.paths import PACK, PACK_LINK, ensure_pack_link
 
-PACK_LINK = COMFY / "custom_nodes" / PACK
+ensure_pack_link()
 #: The name ``nodes.load_custom_node`` gives a package folder in ``sys.modules``.
 LOADED_NAME = str(PACK_LINK).replace(".", "_x_")
 

@@ -1,5 +1,6 @@
 """The real ComfyUI server as a subprocess on 127.0.0.1, with the pack loaded by ComfyUI's
-own custom-node loader (the link ``custom_nodes/IDFusion`` made by tools/host.py)."""
+own custom-node loader (through the checkout's ``.cache/custom_nodes/IDFusion`` link, added
+to the server's custom_nodes folders by its extra_model_paths file)."""
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from .paths import ARTIFACTS, CACHE, COMFY, ROOT
+from .paths import ARTIFACTS, CACHE, COMFY, CUSTOM_NODES, ensure_pack_link
 
 MODEL_FOLDERS = ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet")
 
@@ -21,12 +22,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ensure_pack_link() -> None:
-    link = COMFY / "custom_nodes" / "IDFusion"
-    if not (link.is_symlink() and link.resolve() == ROOT):
-        raise RuntimeError(f"{link} does not link to {ROOT}: run `python3 tools/host.py setup`")
 
 
 class ComfyServer:
@@ -44,7 +39,7 @@ class ComfyServer:
 
     def _model_paths(self) -> Path:
         models = CACHE / "models"
-        lines = ["idfusion_tests:", f"    base_path: {models}"]
+        lines = ["idfusion_pack:", f"    custom_nodes: {CUSTOM_NODES}", "idfusion_tests:", f"    base_path: {models}"]
         for folder in MODEL_FOLDERS:
             (models / folder).mkdir(parents=True, exist_ok=True)
             lines.append(f"    {folder}: {folder}/")
