@@ -15,7 +15,8 @@ import requests
 
 from .paths import ARTIFACTS, CACHE, COMFY, CUSTOM_NODES, ensure_pack_link
 
-MODEL_FOLDERS = ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet")
+MODEL_FOLDERS = ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet", "consistentid",
+                 "clip_vision")
 
 
 def free_port() -> int:
