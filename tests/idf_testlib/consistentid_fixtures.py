@@ -224,11 +224,12 @@ def unet_eps(patcher, x: torch.Tensor, sigma: float, contexts: torch.Tensor, con
 
 
 def random_face(weights, seed: int = 0, regions=("Face", "Eye", "Ear", "Nose", "Lip")):
-    """A ConsistentIDFace with random encodings shaped for ``weights`` (for UNet- and text-side tests)."""
+    """A ConsistentIDFace with random encodings shaped for ``weights`` (for UNet- and text-side tests);
+    the unconditional ones are the same for every person, as real encodings' are."""
     from IDFusion.models.consistentid.face import ConsistentIDFace
-    gen = torch.Generator().manual_seed(seed)
+    gen, null = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(12345)
     c, w = weights.text_width, weights.clip_width
     arcface = torch.nn.functional.normalize(torch.randn(512, generator=gen), dim=0)
     return ConsistentIDFace(f"p{seed}", weights.digest, arcface, torch.randn(257, w, generator=gen), tuple(regions),
-                            torch.randn(len(regions), c, generator=gen), torch.randn(c, generator=gen),
-                            torch.randn(4, c, generator=gen), torch.randn(4, c, generator=gen))
+                            torch.randn(len(regions), c, generator=gen), torch.randn(c, generator=null),
+                            torch.randn(4, c, generator=gen), torch.randn(4, c, generator=null))
