@@ -10,7 +10,11 @@
 
 Each patch reads the per-call state left by ``engine.apply_model_wrapper`` in
 ``extra_options["idfusion_call"]``; without it (outside the schedule, or a plain call) it
-computes exactly what the unpatched block computes.
+computes exactly what the unpatched block computes. Patches hold block keys, never modules
+of the model they were made from: the block's own projections come from the UNet being
+run (``CallState.block``). Weights the pack owns (A′, adapters) sit in host patchers that
+``models()`` hands to the host's memory management; ``cleanup()`` (called by the host after
+sampling) drops what a patch keeps between calls.
 """
 from __future__ import annotations
 
@@ -95,18 +99,24 @@ def _active_calls(specs, extra_options) -> list[SpecCall]:
     return [c for c in (state.get(s) for s in specs) if c is not None]
 
 
+def _cleanup_specs(specs) -> None:
+    for spec in specs:
+        spec.routing._alpha.clear()
+
+
 def _ref_tokens(calls: list[SpecCall], key, kind: str) -> list[torch.Tensor]:
     return [refs[(key, kind)] for call in calls for refs in call.refs]
 
 
 class TrainingFreeReference(Shared):
-    """attn1 replace for one block: reference attention with the block's own projections."""
+    """attn1 replace for one block: reference attention with the block's own projections
+    (those of the UNet being run)."""
 
-    def __init__(self, key, attn1: torch.nn.Module, specs: tuple):
-        self.key, self.attn1, self.specs = key, attn1, specs
+    def __init__(self, key, specs: tuple):
+        self.key, self.specs = key, specs
 
     def with_spec(self, spec) -> "TrainingFreeReference":
-        return TrainingFreeReference(self.key, self.attn1, self.specs + (spec,))
+        return TrainingFreeReference(self.key, self.specs + (spec,))
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -114,10 +124,14 @@ class TrainingFreeReference(Shared):
         calls = _active_calls(self.specs, extra_options)
         if not calls:
             return attend(q, k, v, heads)
+        attn1 = extra_options[CALL].block(self.key).attn1
         tokens = _ref_tokens(calls, self.key, "attn1")
-        refs = [(self.attn1.to_k(r), self.attn1.to_v(r)) for r in tokens]
+        refs = [(attn1.to_k(r), attn1.to_v(r)) for r in tokens]
         weights = _weights(calls, q.shape[1], q.shape[0], q.device)
         return reference_attention(q, k, v, refs, weights, heads, attend)
+
+    def cleanup(self):
+        _cleanup_specs(self.specs)
 
 
 class FlashFaceAttention(Shared):
@@ -165,29 +179,41 @@ class FlashFaceAttention(Shared):
     def to(self, device_or_dtype):
         return self
 
+    def cleanup(self):
+        self._y.clear()
+        _cleanup_specs(self.specs)
+
 
 class FusedKV(Shared):
     """attn2 replace for one block: face tokens join the text tokens under one softmax.
 
-    entries: ``(spec, Linear_kf, Linear_vf)`` per patch node — the maps ``h_f → K_f, V_f``
-    (training-free: the block's own self-attention ``to_k``/``to_v``; or trained adapter
-    layers, whose ModelPatchers are in ``patchers`` so ComfyUI loads and offloads them).
+    entries: ``(spec, projection)`` per patch node — the maps ``h_f → K_f, V_f``: ``None`` for
+    training-free (the self-attention ``to_k``/``to_v`` of the block being run), or a pair of
+    trained adapter layers, whose host patchers are in ``patchers`` so ComfyUI loads and
+    offloads them.
     """
 
     def __init__(self, key, entries: tuple, patchers: tuple = ()):
         self.key, self.entries, self.patchers = key, entries, patchers
         self.specs = tuple(e[0] for e in entries)
 
-    def with_entry(self, spec, kf, vf, patcher=None) -> "FusedKV":
+    def with_entry(self, spec, projection=None, patcher=None) -> "FusedKV":
         patchers = self.patchers + ((patcher,) if patcher is not None and patcher not in self.patchers else ())
-        return FusedKV(self.key, self.entries + ((spec, kf, vf),), patchers)
+        return FusedKV(self.key, self.entries + ((spec, projection),), patchers)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         attend = host_attention(extra_options)
         state = extra_options.get(CALL)
-        active = [(state.get(spec), kf, vf) for spec, kf, vf in self.entries] if state is not None else []
-        active = [a for a in active if a[0] is not None]
+        active = []
+        if state is not None:
+            for spec, projection in self.entries:
+                call = state.get(spec)
+                if call is not None:
+                    if projection is None:
+                        attn1 = state.block(self.key).attn1
+                        projection = (attn1.to_k, attn1.to_v)
+                    active.append((call, *projection))
         if not active:
             return attend(q, k, v, heads)
         weights = _weights([a[0] for a in active], q.shape[1], q.shape[0], q.device)       # [B, L|1, M]
@@ -205,3 +231,6 @@ class FusedKV(Shared):
 
     def to(self, device_or_dtype):
         return self
+
+    def cleanup(self):
+        _cleanup_specs(self.specs)
