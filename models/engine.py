@@ -24,6 +24,7 @@ import torch
 from .feature_cache import FEATURE_CACHE, CacheKey, FeatureKey, Features
 from .references import FLASHFACE, ReferenceFeatures, ReferenceIdentity, Shared
 from .reference_pass import reference_forward
+from .unet_layout import block_modules
 
 logger = logging.getLogger("IDFusion")
 
@@ -100,9 +101,15 @@ class SpecCall:
 @dataclass
 class CallState:
     specs: dict[int, SpecCall]                                  # id(spec) → state
+    unet: torch.nn.Module | None = None                         # the UNet being run
 
     def get(self, spec: Spec) -> SpecCall | None:
         return self.specs.get(id(spec))
+
+    def block(self, key):
+        """The BasicTransformerBlock ``key`` of the UNet being run (patches never keep modules
+        of the model they were made from: the host may clone it, move it or swap its weights)."""
+        return block_modules(self.unet)[key]
 
 
 # --- weights identity ------------------------------------------------------------------------
@@ -250,7 +257,7 @@ def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, t
     strengths = {id(s): _row_strength(s, conds, guidance) for s in plan.specs if spec_active(s, base_model, sig)}
     active = [s for s in plan.specs if id(s) in strengths and bool((strengths[id(s)] != 0).any())]
     if not active:
-        return CallState({})
+        return CallState({}, base_model.diffusion_model)
     timestep = float(base_model.model_sampling.timestep(sigma.reshape(-1)[:1]).float()[0])
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
     device = x.device
@@ -272,7 +279,7 @@ def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, t
         if spec.routing.mode == MODE_PER_ITEM:
             per_item = row_items(cond_or_uncond, x.shape[0]) % spec.features.count
         states[id(spec)] = SpecCall(spec, strengths[id(spec)].to(device), refs, latent_hw, per_item)
-    return CallState(states)
+    return CallState(states, base_model.diffusion_model)
 
 
 # --- the wrapper -----------------------------------------------------------------------------

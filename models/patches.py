@@ -10,9 +10,15 @@
 
 Each patch reads the per-call state left by ``engine.apply_model_wrapper`` in
 ``extra_options["idfusion_call"]``; without it (outside the schedule, or a plain call) it
-computes exactly what the unpatched block computes.
+computes exactly what the unpatched block computes. Patches hold block keys, never modules
+of the model they were made from: the block's own projections come from the UNet being
+run (``CallState.block``). Weights the pack owns (A′, adapters) sit in host patchers that
+``models()`` hands to the host's memory management; ``cleanup()`` (called by the host after
+sampling) drops what a patch keeps between calls.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -22,17 +28,51 @@ from ..attention.routing import fit_to_latent, query_weights
 from .engine import CALL, MODE_REGION, SpecCall
 from .references import FlashFaceModules, Shared
 
+logger = logging.getLogger("IDFusion")
+
+
+#: The host's attention functions that add a float mask (−inf included) to every score, exactly.
+#: Others (flash, sage, comfy-kitchen int8, overrides set by other nodes) may drop or approximate
+#: a mask: routed calls then go to the host's PyTorch attention, which applies it.
+MASK_EXACT = frozenset({"attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch",
+                        "attention_xformers"})
+OVERRIDE = "optimized_attention_override"
+_fallback_logged: set[str] = set()
+
+
+def _backend_name(fn) -> str:
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return getattr(fn, "__name__", repr(fn))
+
+
+def masked_backend(host, extra_options: dict):
+    """(attention function, transformer_options) for a call with a routing mask: the host's own
+    masked attention when it applies masks exactly and no other node overrides it, else its
+    PyTorch attention without the override (logged once per reason)."""
+    fn = host.optimized_attention_masked
+    name = _backend_name(fn)
+    if name in MASK_EXACT and OVERRIDE not in extra_options:
+        return fn, extra_options
+    reason = f"an attention override ({_backend_name(extra_options[OVERRIDE])})" if OVERRIDE in extra_options else name
+    if reason not in _fallback_logged:
+        _fallback_logged.add(reason)
+        logger.info("IDFusion: identity routing needs exact attention masks; %s may not apply them, so routed "
+                    "cross-attention uses PyTorch attention", reason)
+    return host.attention_pytorch, {k: v for k, v in extra_options.items() if k != OVERRIDE}
+
 
 def host_attention(extra_options: dict):
-    """The host's optimized attention, called as ComfyUI's CrossAttention calls it."""
+    """The host's optimized attention, called as ComfyUI's CrossAttention calls it (masked calls:
+    see ``masked_backend``)."""
     from comfy.ldm.modules import attention as host
+    precision = extra_options.get("attn_precision")
 
     def attend(q, k, v, heads, mask=None):
         if mask is None:
-            return host.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                            transformer_options=extra_options)
-        return host.optimized_attention_masked(q, k, v, heads, mask, attn_precision=extra_options.get("attn_precision"),
-                                               transformer_options=extra_options)
+            return host.optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+        fn, options = masked_backend(host, extra_options)
+        return fn(q, k, v, heads, mask, attn_precision=precision, transformer_options=options)
     return attend
 
 
@@ -95,18 +135,24 @@ def _active_calls(specs, extra_options) -> list[SpecCall]:
     return [c for c in (state.get(s) for s in specs) if c is not None]
 
 
+def _cleanup_specs(specs) -> None:
+    for spec in specs:
+        spec.routing._alpha.clear()
+
+
 def _ref_tokens(calls: list[SpecCall], key, kind: str) -> list[torch.Tensor]:
     return [refs[(key, kind)] for call in calls for refs in call.refs]
 
 
 class TrainingFreeReference(Shared):
-    """attn1 replace for one block: reference attention with the block's own projections."""
+    """attn1 replace for one block: reference attention with the block's own projections
+    (those of the UNet being run)."""
 
-    def __init__(self, key, attn1: torch.nn.Module, specs: tuple):
-        self.key, self.attn1, self.specs = key, attn1, specs
+    def __init__(self, key, specs: tuple):
+        self.key, self.specs = key, specs
 
     def with_spec(self, spec) -> "TrainingFreeReference":
-        return TrainingFreeReference(self.key, self.attn1, self.specs + (spec,))
+        return TrainingFreeReference(self.key, self.specs + (spec,))
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -114,10 +160,14 @@ class TrainingFreeReference(Shared):
         calls = _active_calls(self.specs, extra_options)
         if not calls:
             return attend(q, k, v, heads)
+        attn1 = extra_options[CALL].block(self.key).attn1
         tokens = _ref_tokens(calls, self.key, "attn1")
-        refs = [(self.attn1.to_k(r), self.attn1.to_v(r)) for r in tokens]
+        refs = [(attn1.to_k(r), attn1.to_v(r)) for r in tokens]
         weights = _weights(calls, q.shape[1], q.shape[0], q.device)
         return reference_attention(q, k, v, refs, weights, heads, attend)
+
+    def cleanup(self):
+        _cleanup_specs(self.specs)
 
 
 class FlashFaceAttention(Shared):
@@ -165,29 +215,41 @@ class FlashFaceAttention(Shared):
     def to(self, device_or_dtype):
         return self
 
+    def cleanup(self):
+        self._y.clear()
+        _cleanup_specs(self.specs)
+
 
 class FusedKV(Shared):
     """attn2 replace for one block: face tokens join the text tokens under one softmax.
 
-    entries: ``(spec, Linear_kf, Linear_vf)`` per patch node — the maps ``h_f → K_f, V_f``
-    (training-free: the block's own self-attention ``to_k``/``to_v``; or trained adapter
-    layers, whose ModelPatchers are in ``patchers`` so ComfyUI loads and offloads them).
+    entries: ``(spec, projection)`` per patch node — the maps ``h_f → K_f, V_f``: ``None`` for
+    training-free (the self-attention ``to_k``/``to_v`` of the block being run), or a pair of
+    trained adapter layers, whose host patchers are in ``patchers`` so ComfyUI loads and
+    offloads them.
     """
 
     def __init__(self, key, entries: tuple, patchers: tuple = ()):
         self.key, self.entries, self.patchers = key, entries, patchers
         self.specs = tuple(e[0] for e in entries)
 
-    def with_entry(self, spec, kf, vf, patcher=None) -> "FusedKV":
+    def with_entry(self, spec, projection=None, patcher=None) -> "FusedKV":
         patchers = self.patchers + ((patcher,) if patcher is not None and patcher not in self.patchers else ())
-        return FusedKV(self.key, self.entries + ((spec, kf, vf),), patchers)
+        return FusedKV(self.key, self.entries + ((spec, projection),), patchers)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         attend = host_attention(extra_options)
         state = extra_options.get(CALL)
-        active = [(state.get(spec), kf, vf) for spec, kf, vf in self.entries] if state is not None else []
-        active = [a for a in active if a[0] is not None]
+        active = []
+        if state is not None:
+            for spec, projection in self.entries:
+                call = state.get(spec)
+                if call is not None:
+                    if projection is None:
+                        attn1 = state.block(self.key).attn1
+                        projection = (attn1.to_k, attn1.to_v)
+                    active.append((call, *projection))
         if not active:
             return attend(q, k, v, heads)
         weights = _weights([a[0] for a in active], q.shape[1], q.shape[0], q.device)       # [B, L|1, M]
@@ -205,3 +267,6 @@ class FusedKV(Shared):
 
     def to(self, device_or_dtype):
         return self
+
+    def cleanup(self):
+        _cleanup_specs(self.specs)

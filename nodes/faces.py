@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import torch
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 from ..models.faces import analysis as face_models
 from ..models.faces import parsing

@@ -6,7 +6,7 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from .api import io
 
 from . import types
 from .loaders import register_folder
@@ -78,10 +78,11 @@ class FusedKV(io.ComfyNode):
 
 
 def load_projections(m, blocks, adapter: str):
-    """{block key: (Linear_kf, Linear_vf)} and the ModelPatcher that owns them (None if training-free)."""
-    modules = transformer_blocks(m.model.diffusion_model)
+    """{block key: (Linear_kf, Linear_vf)} and the host patcher that owns them; training-free:
+    {block key: None} (the patch takes the self-attention projections of the UNet being run)."""
     if adapter == TRAINING_FREE_ADAPTER:
-        return {k: (modules[k].attn1.to_k, modules[k].attn1.to_v) for k in blocks}, None
+        return dict.fromkeys(blocks), None
+    modules = transformer_blocks(m.model.diffusion_model)
     from ..models.fusion.adapter import load_adapter
 
     path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter)
@@ -99,17 +100,16 @@ def patch_fused_kv(m, spec, projections) -> None:
 
     layers, patcher = projections
     for key in spec.blocks:
-        kf, vf = layers[key]
         existing = attn2_replace(m, key)
         outer = existing if getattr(existing, "wraps_attn2", False) else None     # e.g. ConsistentID's ID tokens
         if outer is not None:
             existing = outer.inner
         if isinstance(existing, FusedKVPatch):
-            patch = existing.with_entry(spec, kf, vf, patcher)
+            patch = existing.with_entry(spec, layers[key], patcher)
         else:
             if existing is not None:
                 logger.warning("IDFusion: replacing another node's cross-attention patch on block %s", key)
-            patch = FusedKVPatch(key, ((spec, kf, vf),), (patcher,) if patcher is not None else ())
+            patch = FusedKVPatch(key, ((spec, layers[key]),), (patcher,) if patcher is not None else ())
         set_attn2_replace(m, outer.with_inner(patch) if outer is not None else patch, key)
 
 

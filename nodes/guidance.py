@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import comfy.samplers
-from comfy_api.latest import io
+from .api import io
 
 from ..attention.guidance import from_eps, rescale, three_way, to_eps, two_way
 from ..models.engine import GUIDANCE, Guidance

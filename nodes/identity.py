@@ -1,7 +1,7 @@
 """The identity node: face crops (and their embeddings) of one person become one identity."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .api import io
 
 from ..models.faces.analysis import pad_to_square
 from ..models.faces.identity import Identity

@@ -3,7 +3,7 @@ drawn as a ControlNet image."""
 from __future__ import annotations
 
 import numpy as np
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 from ..models.faces import landmarks
 from ..models.faces.analysis import mean_face

@@ -5,7 +5,7 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from .api import io
 
 from . import types
 from .unet_blocks import add_attn1_output_patch, add_attn1_patch, block_table, require_unet, set_apply_model_wrapper

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 from . import types
 

@@ -7,7 +7,7 @@ import os
 
 import folder_paths
 import torch
-from comfy_api.latest import io
+from .api import io
 
 from . import types
 from .unet_blocks import (DECODER, SELECTIONS, attn1_replace, block_table, get_option, require_unet,
@@ -267,7 +267,6 @@ def add_to_plan(m, spec) -> None:
 def patch_training_free(m, spec) -> None:
     from ..models.patches import TrainingFreeReference
 
-    modules = transformer_blocks(m.model.diffusion_model)
     for key in spec.blocks:
         existing = attn1_replace(m, key)
         if isinstance(existing, TrainingFreeReference):
@@ -275,7 +274,7 @@ def patch_training_free(m, spec) -> None:
         else:
             if existing is not None:
                 logger.warning("IDFusion: replacing another node's self-attention patch on block %s", key)
-            patch = TrainingFreeReference(key, modules[key].attn1, (spec,))
+            patch = TrainingFreeReference(key, (spec,))
         set_attn1_replace(m, patch, key)
 
 

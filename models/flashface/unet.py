@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..host_patcher import wrap
 from ..references import FlashFaceModules
+
 
 def _dtypes(model_config, load_device):
     import comfy.model_management as mm
@@ -24,7 +26,6 @@ def build_unet_model(unet_sd: dict):
     import comfy.model_base
     import comfy.model_detection
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     # widths, depths and the five input channels as ComfyUI reads them off the weights; SD15's
@@ -34,16 +35,7 @@ def build_unet_model(unet_sd: dict):
     dtype, manual_cast = _dtypes(model_config, load_device)
     model_config.set_inference_dtype(dtype, manual_cast)
     model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS, device=offload_device)
-    _load_strict(model.diffusion_model, unet_sd, "FlashFace UNet")
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def _load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{what}: the weights do not fit ComfyUI's SD1.5 layout "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return wrap(model, unet_sd, "FlashFace UNet (ComfyUI's SD1.5 layout)", into=model.diffusion_model)
 
 
 class _ReferenceModules(torch.nn.Module):
@@ -59,7 +51,6 @@ class _ReferenceModules(torch.nn.Module):
 def build_reference_modules(weights, model_patcher, source: str) -> FlashFaceModules:
     """ReferenceNet encoder/decoder (four input channels) and A′ per middle/decoder block."""
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
     from comfy.ldm.modules.attention import CrossAttention
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -82,7 +73,4 @@ def build_reference_modules(weights, model_patcher, source: str) -> FlashFaceMod
     sd = dict(weights.reference)
     for key, tensors in weights.extra_attention.items():
         sd.update({f"extra_attention.{key[0]}_{key[1]}_{key[2]}.{name}": t for name, t in tensors.items()})
-    _load_strict(holder, sd, "FlashFace ReferenceNet")
-    holder.eval()
-    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(), offload_device=offload)
-    return FlashFaceModules(patcher, source)
+    return FlashFaceModules(wrap(holder, sd, "FlashFace ReferenceNet (ComfyUI's SD1.5 layout)"), source)

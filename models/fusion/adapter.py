@@ -31,9 +31,10 @@ def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
     """({block: (Linear_kf, Linear_vf)}, ModelPatcher) for the blocks in ``dims``
     (block → (hidden_dim, inner_dim)). Raises ValueError naming missing or misshapen keys."""
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
     from safetensors import safe_open
+
+    from ..host_patcher import wrap
 
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
@@ -48,7 +49,7 @@ def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
     dtype = base_model.get_dtype()
     operations = comfy.ops.pick_operations(dtype, base_model.manual_cast_dtype)
     offload = mm.unet_offload_device()
-    layers, pairs = torch.nn.ModuleDict(), {}
+    layers, pairs, sd = torch.nn.ModuleDict(), {}, {}
     for block, (hidden, inner) in dims.items():
         pair = []
         for kv in "kv":
@@ -57,13 +58,12 @@ def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
                 raise ValueError(f"IDFusionFusedKV: adapter key {adapter_key(block, f'to_{kv}_face.weight')} has shape "
                                  f"{tuple(weight.shape)}, expected {(inner, hidden)} for this model")
             bias = tensors.get(adapter_key(block, f"to_{kv}_face.bias"))
-            layer = operations.Linear(hidden, inner, bias=bias is not None, dtype=dtype, device=offload)
-            layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+            name = f"{block[0]}_{block[1]}_{block[2]}_{kv}"
+            layers[name] = operations.Linear(hidden, inner, bias=bias is not None, dtype=dtype, device=offload)
+            sd[f"layers.{name}.weight"] = weight.to(dtype)
             if bias is not None:
-                layer.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
-            layers[f"{block[0]}_{block[1]}_{block[2]}_{kv}"] = layer
-            pair.append(layer)
+                sd[f"layers.{name}.bias"] = bias.to(dtype)
+            pair.append(layers[name])
         pairs[block] = tuple(pair)
-    holder = AdapterLayers(layers)
-    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(), offload_device=offload)
-    return pairs, patcher
+    holder = AdapterLayers(layers).requires_grad_(False)
+    return pairs, wrap(holder, sd, f"IDFusionFusedKV: adapter {path}")

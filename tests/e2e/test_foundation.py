@@ -14,8 +14,9 @@ from idf_testlib.server import execution_error
 
 #: ``RELATIVE_PYTHON_MODULE`` the loader gives every node of the pack (``python_module`` in /object_info).
 PACK_MODULE = f"custom_nodes.{PACK}"
-#: A line of the loader's summary, e.g. "   0.1 seconds (IMPORT FAILED): /path/custom_nodes/IDFusion".
-IMPORT_TIME_LINE = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?: (.+)$", re.MULTILINE)
+#: A line of the loader's summary, e.g. "   0.1 seconds (IMPORT FAILED): /path/custom_nodes/IDFusion"
+#: (newer hosts put the level first: "[INFO]    0.1 seconds: ...").
+IMPORT_TIME_LINE = re.compile(r"^(?:\[\w+\])?\s*([\d.]+) seconds( \(IMPORT FAILED\))?: (.+)$", re.MULTILINE)
 TRACEBACK_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+', re.MULTILINE)
 #: ComfyUI logs this once custom nodes are loaded; what follows are prompts other tests run.
 SERVER_STARTED = "Starting server"
@@ -66,7 +67,7 @@ def documentation_problems(node_id: str, info: dict) -> list[str]:
 
 
 def test_pack_imports_without_errors(server):
-    assert pack_import_problems(server.log_path.read_text()) == []
+    assert pack_import_problems(server.log_text()) == []
 
 
 def test_server_registers_exactly_the_pack_nodes(host, pack_nodes):

@@ -119,9 +119,8 @@ def test_converted_file_loads_strictly(fw, weights, tmp_path):
 def test_comfyui_sd15_checkpoint_is_refused(fw, tmp_path):
     """A real ComfyUI-saved SD1.5 checkpoint layout (tiny widths)."""
     import comfy.utils
-    from idf_testlib.models import tiny_sd15
-    model = tiny_sd15().model
+    from idf_testlib.models import checkpoint_state_dict, tiny_sd15
     path = tmp_path / "sd15-tiny.safetensors"
-    comfy.utils.save_torch_file(model.state_dict_for_saving(None, None), str(path))
+    comfy.utils.save_torch_file(checkpoint_state_dict(tiny_sd15()), str(path))
     with pytest.raises(ValueError, match=r"model\.diffusion_model\.\*.*models/checkpoints.*models/flashface"):
         fw.load_flashface(path)

@@ -85,6 +85,15 @@ def tiny_sdxl(seed: int = 0):
     return _patcher(comfy.supported_models.SDXL, sdxl_unet_config(**SDXL_TINY), seed)
 
 
+def checkpoint_state_dict(patcher, clip_sd=None, vae_sd=None) -> dict:
+    """A checkpoint's state dict written the way this host's own ``comfy.sd.save_checkpoint``
+    writes it: ``ModelPatcher.state_dict_for_saving(clip, vae)`` on hosts that have it (the
+    BaseModel method then wants the UNet's state dict first), else the BaseModel's method."""
+    if hasattr(patcher, "state_dict_for_saving"):
+        return patcher.state_dict_for_saving(clip_sd, vae_sd)
+    return patcher.model.state_dict_for_saving(clip_sd, vae_sd)
+
+
 SD15_CHECKPOINT = "idfusion-random-sd15.safetensors"
 
 
@@ -95,6 +104,7 @@ def sd15_checkpoint() -> Path:
         return path
     boot()
     import comfy.ldm.models.autoencoder as ae
+    import comfy.model_patcher
     import comfy.sd1_clip
     import comfy.supported_models
     import comfy.utils
@@ -103,6 +113,7 @@ def sd15_checkpoint() -> Path:
     model_config.set_inference_dtype(torch.float16, None)
     model = model_config.get_model({})
     init_weights(model.diffusion_model, seed=1)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float16)
     init_weights(clip, seed=2)
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -110,7 +121,7 @@ def sd15_checkpoint() -> Path:
     vae = ae.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     init_weights(vae, seed=3)
     clip_sd = {k: v for k, v in clip.state_dict().items() if "position_ids" not in k}
-    sd = model.state_dict_for_saving(clip_sd, vae.state_dict())
+    sd = checkpoint_state_dict(patcher, clip_sd, vae.state_dict())
     sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

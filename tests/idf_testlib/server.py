@@ -3,6 +3,7 @@ own custom-node loader (through the checkout's ``.cache/custom_nodes/IDFusion`` 
 to the server's custom_nodes folders by its extra_model_paths file)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import requests
 
 from .paths import ARTIFACTS, CACHE, COMFY, CUSTOM_NODES, ensure_pack_link
 
+#: A terminal colour code, e.g. "\x1b[32m".
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 MODEL_FOLDERS = ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet", "consistentid",
                  "clip_vision")
 
@@ -28,9 +31,10 @@ def free_port() -> int:
 class ComfyServer:
     """Start with ``start()``, stop with ``stop()``; ``url`` is the base address."""
 
-    def __init__(self, workdir: Path, name: str = "server"):
+    def __init__(self, workdir: Path, name: str = "server", comfy: Path = COMFY):
         self.workdir = Path(workdir)
         self.name = name
+        self.comfy = Path(comfy)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -51,14 +55,14 @@ class ComfyServer:
     def start(self, timeout: float = 120.0) -> "ComfyServer":
         ensure_pack_link()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(COMFY / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, str(self.comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
                "--extra-model-paths-config", str(self._model_paths()),
                "--input-directory", str(self.workdir / "input"), "--output-directory", str(self.workdir / "output"),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user")]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,11 +86,15 @@ class ComfyServer:
         if getattr(self, "_log", None):
             self._log.close()
 
-    def log_tail(self, chars: int = 6000) -> str:
+    def log_text(self) -> str:
+        """The server's log without colour codes (hosts colour their log lines from ComfyUI 0.23 on)."""
         try:
-            return self.log_path.read_text()[-chars:]
+            return ANSI_CODE.sub("", self.log_path.read_text())
         except OSError:
             return ""
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_text()[-chars:]
 
     # --- the HTTP API -------------------------------------------------------------------
     def get(self, path: str, **kw):
