@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import folder_paths
-from comfy_api.latest import io, ui
 
 from ..models.consistentid.checkpoint import EXTENSIONS, FOLDER
 from . import types
+from .api import io, ui
 from .loaders import register_folder
 from .reference import OUTSIDE_CHOICES, build_routing, check_patch_inputs
 from .unet_blocks import (attention_processors, attn2_replace, set_attn2_replace, set_outer_sample_wrapper,

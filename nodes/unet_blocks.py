@@ -132,6 +132,11 @@ def set_apply_model_wrapper(m, fn) -> None:
     sure the patches' ``cleanup()`` runs after sampling on every host."""
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fn)
+    ensure_cleanup(m)
+
+
+def ensure_cleanup(m) -> None:
+    """Make sure the patches' ``cleanup()`` runs after sampling on every host."""
     if not hasattr(m, "model_patches_call_function"):
         # a host whose patcher does not clean its patches up: the same call, from its cleanup callback
         m.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY)
@@ -152,6 +157,7 @@ def set_outer_sample_wrapper(m, key: str, fn) -> None:
     """Install (once per MODEL clone and key) a wrapper around the guider's ``outer_sample``."""
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, fn)
+    ensure_cleanup(m)
 
 
 def set_option(m, name: str, value) -> None:

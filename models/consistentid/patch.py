@@ -129,3 +129,10 @@ class IDTokenAttention(Shared):
 
     def to(self, device_or_dtype):
         return self
+
+    def cleanup(self):
+        """After sampling (called by the host): drop the per-layer identity weights, and the inner patch's state."""
+        for spec in self.specs:
+            spec._alpha.clear()
+        if hasattr(self.inner, "cleanup"):
+            self.inner.cleanup()

@@ -127,12 +127,11 @@ def from_groups(groups: dict, name: str, digest: str) -> ConsistentIDWeights:
 
 
 def _patcher(module: nn.Module):
+    """The module in fp16 where the device runs it, in the host's patcher (as its loaders wrap theirs)."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-    device = mm.get_torch_device()
-    dtype = torch.float16 if mm.should_use_fp16(device) else torch.float32
-    module = module.to(dtype).eval().requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=mm.unet_offload_device())
+    from ..host_patcher import wrap
+    dtype = torch.float16 if mm.should_use_fp16(mm.get_torch_device()) else torch.float32
+    return wrap(module.to(dtype).requires_grad_(False))
 
 
 def load(path: str) -> ConsistentIDWeights:

@@ -7,6 +7,7 @@ import torch
 
 from idf_testlib import consistentid_fixtures as cf
 from idf_testlib import engine as E
+from idf_testlib.engine import AttentionRecorder, halves, id_masks
 
 MIX, PER_ITEM, REGION = "mix (weights)", "per batch item", "by region (identity masks)"
 
@@ -21,18 +22,6 @@ def people(weights, *seeds, mix=None):
     from IDFusion.models.consistentid.face import ConsistentIDFaces
     faces = tuple(cf.random_face(weights, s) for s in seeds)
     return ConsistentIDFaces(weights, faces, tuple(mix or [1.0] * len(faces)))
-
-
-def id_masks(masks):
-    from IDFusion.models.masks import IdentityMasks
-    return IdentityMasks(masks, tuple(f"p{i}" for i in range(masks.shape[0])))
-
-
-def halves(height, width):
-    masks = torch.zeros(2, height, width)
-    masks[0, :, : width // 2] = 1
-    masks[1, :, width // 2:] = 1
-    return masks
 
 
 def test_strength_zero_equals_the_plain_model(cid_model, cid_weights):
@@ -64,24 +53,6 @@ def test_the_patch_holds_no_module_of_the_model(cid_model, cid_weights):
     assert not [m for m in reachable if id(m) in host_modules]
 
 
-class IDAttentionRecorder:
-    """Host attention override: probabilities of every masked attention whose keys are ID tokens."""
-
-    def __init__(self, keys: int):
-        self.keys, self.calls = keys, []
-
-    def __call__(self, func, q, k, v, heads, mask=None, **kwargs):
-        to = kwargs.get("transformer_options") or {}
-        if mask is not None and k.shape[1] == self.keys:
-            b, lq, c = q.shape
-            d = c // heads
-            qh = q.view(b, lq, heads, d).transpose(1, 2)
-            kh = k.view(b, -1, heads, d).transpose(1, 2)
-            scores = qh @ kh.transpose(-1, -2) / d ** 0.5 + mask.unsqueeze(1)
-            self.calls.append((tuple(to["block"]), lq, torch.softmax(scores, dim=-1)))
-        return func(q, k, v, heads, mask=mask, **kwargs)
-
-
 @pytest.mark.parametrize("latent_hw", [(16, 16), (9, 13)])
 def test_region_j_never_attends_to_person_i(cid_model, cid_weights, latent_hw):
     """Measured on the real blocks: a query in region j gives exactly zero probability to every ID
@@ -91,13 +62,13 @@ def test_region_j_never_attends_to_person_i(cid_model, cid_weights, latent_hw):
     masks = halves(h * 8, w * 8)
     patched = apply(cid_model, cid_weights, people(cid_weights, 1, 2), mode=REGION, outside="none",
                     masks=id_masks(masks))
-    recorder = IDAttentionRecorder(keys=8)
-    patched.model_options["transformer_options"]["optimized_attention_override"] = recorder
-    E.sample(patched, steps=1, size=None, latent_hw=latent_hw)
-    assert recorder.calls, "the ID-token attention never reached the host attention"
+    with AttentionRecorder().installed() as recorder:
+        E.sample(patched, steps=1, size=None, latent_hw=latent_hw)
+    calls = [c for c in recorder.calls if c[3].shape[-1] == 8]                # the ID-token attentions: 2 × 4 keys
+    assert calls, "the ID-token attention never reached the host attention"
     latent_masks = fit_to_latent(masks, h, w)
     layers = set()
-    for _, lq, probs in recorder.calls:
+    for _, _, lq, probs in calls:
         alpha = query_weights(latent_masks, lq, (h, w), torch.ones(2) / 2, "none")[0]
         in0, in1 = alpha[:, 0] == 1, alpha[:, 1] == 1
         assert bool(in0.any()) and bool(in1.any())
@@ -105,6 +76,18 @@ def test_region_j_never_attends_to_person_i(cid_model, cid_weights, latent_hw):
         assert bool((probs[..., in0, :4].sum(-1) > 0.999).all()) and bool((probs[..., in1, 4:].sum(-1) > 0.999).all())
         layers.add(lq)
     assert len(layers) == 4
+
+
+def test_cleanup_after_sampling_drops_the_routing_weights(cid_model, cid_weights):
+    import comfy.sample
+    patched = apply(cid_model, cid_weights, people(cid_weights, 1, 2), mode=REGION, masks=id_masks(halves(128, 128)))
+    spec = spec_of(patched)
+    during = []
+    noise = torch.randn(1, 4, 16, 16, generator=E.gen(0))
+    comfy.sample.sample(patched, noise, 2, 5.0, "euler", "normal", E.conditioning(5), E.conditioning(6),
+                        torch.zeros_like(noise), disable_pbar=True, seed=0,
+                        callback=lambda *_: during.append(len(spec._alpha)))
+    assert during and all(during) and spec._alpha == {}
 
 
 def id_call(spec, q, rows_cond, latent_hw=(8, 8)):
