@@ -28,8 +28,9 @@ class ConsistentIDLoader(io.ComfyNode):
             node_id="IDFusionConsistentIDLoader",
             display_name="IDFusion ConsistentID Loader",
             category="IDFusion/loaders",
-            description="Loads a ConsistentID checkpoint (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin, or a "
-                        ".safetensors made by tools/convert_consistentid.py) from models/consistentid/, read safely.",
+            description="Loads a ConsistentID checkpoint (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin, "
+                        "or a .safetensors made by tools/convert_consistentid.py) from models/consistentid/, read "
+                        "safely.",
             inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list(FOLDER),
                                    tooltip="A ConsistentID file in models/consistentid/.")],
             outputs=[types.ConsistentID.Output(display_name="CONSISTENTID",
@@ -94,8 +95,8 @@ class ConsistentIDFace(io.ComfyNode):
             raise ValueError(f"{node}: 'clip_vision' is not connected; add a Load CLIP Vision node with "
                              f"{CLIP_VISION_FILE} (models/clip_vision/) and connect it")
         if image.ndim == 4 and image.shape[0] != 1:
-            raise ValueError(f"{node}: 'image' holds {image.shape[0]} photos; ConsistentID encodes one photo per person "
-                             f"(pick one with an Image From Batch node)")
+            raise ValueError(f"{node}: 'image' holds {image.shape[0]} photos; ConsistentID encodes one photo per "
+                             f"person (pick one with an Image From Batch node)")
         if analyzer.name != "buffalo_l":
             logger.warning("%s: the face analyzer is '%s'; ConsistentID was trained with buffalo_l's ArcFace", node,
                            analyzer.name)
@@ -126,7 +127,8 @@ class ConsistentIDCombine(io.ComfyNode):
             description="Several people for 'IDFusion ConsistentID Apply': mixed by weight (their ArcFace embeddings "
                         "and CLIP states blended), one per batch item, or one per region with identity masks.",
             inputs=slots,
-            outputs=[types.ConsistentIDFaces.Output("faces", display_name="faces", tooltip="The people, in input order.")],
+            outputs=[types.ConsistentIDFaces.Output("faces", display_name="faces",
+                                                    tooltip="The people, in input order.")],
         )
 
     @classmethod
@@ -250,7 +252,8 @@ class ConsistentIDApply(io.ComfyNode):
             category="IDFusion/consistentid",
             description="Patches a clone of the MODEL with ConsistentID: its LoRA on every attention (merged into the "
                         "weights by ComfyUI) and the person's ID tokens in every cross-attention "
-                        "(+ strength·Attn(q, K_id, V_id)); also makes the ConsistentID Conditioning's merge step exact.",
+                        "(+ strength·Attn(q, K_id, V_id)); also makes the ConsistentID Conditioning's merge step "
+                        "exact.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 MODEL (ConsistentID-v1) or SDXL MODEL (the SDXL file)."),
                 types.ConsistentID.Input("consistentid", tooltip="From 'IDFusion ConsistentID Loader'."),

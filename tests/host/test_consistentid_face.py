@@ -89,8 +89,8 @@ def test_missing_clip_vision_no_face_and_no_region_are_clear_errors(cid_weights,
     from facexlib.parsing.bisenet import BiSeNet
     background = BiSeNet(num_class=19).eval()
     background.load_state_dict(cf.parser_state(labels=(0,)))
-    only_background = FaceParser(comfy.model_patcher.ModelPatcher(background, mm.get_torch_device(), mm.unet_offload_device()),
-                                 "background.pth")
+    patcher = comfy.model_patcher.ModelPatcher(background, mm.get_torch_device(), mm.unet_offload_device())
+    only_background = FaceParser(patcher, "background.pth")
     with pytest.raises(ValueError, match=f"{NODE}: face parsing found none of ConsistentID's regions"):
         encode(cid_weights, cid_analyzer, only_background, cid_photo, cid_clip_vision)
     with pytest.raises(ValueError, match=f"{NODE}: 'image' holds 2 photos"):

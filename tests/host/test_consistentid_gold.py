@@ -76,7 +76,8 @@ def tokenizer(host):
 
     import comfy.sd1_clip
     from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(str(Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"), model_max_length=77)
+    folder = Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
     tok.add_tokens([official.IMAGE_TOKEN], special_tokens=True)
     tok.add_tokens([official.FACIAL_TOKEN], special_tokens=True)
     return tok

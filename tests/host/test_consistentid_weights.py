@@ -51,7 +51,8 @@ def test_the_release_layout_loads_safely_through_the_loader_node(release_file, c
     adapter = weights.adapter.model.layers
     assert sorted(int(i) for i in adapter) == list(range(1, 32, 2))
     assert torch.equal(adapter["31"].to_k_ip.weight, cid_groups["adapter_modules"]["31.to_k_ip.weight"])
-    assert torch.equal(weights.lora[6]["to_out_lora.up.weight"], cid_groups["adapter_modules"]["6.to_out_lora.up.weight"])
+    lora_up = cid_groups["adapter_modules"]["6.to_out_lora.up.weight"]
+    assert torch.equal(weights.lora[6]["to_out_lora.up.weight"], lora_up)
 
 
 def test_a_pickle_with_more_than_tensors_is_refused(host, tmp_path):
@@ -74,7 +75,8 @@ def test_other_files_say_what_was_expected_found_and_where_they_belong(host, tmp
     with pytest.raises(ValueError) as error:
         load(write(tmp_path, ip_adapter))
     message = str(error.value)
-    for part in ("expected FacialEncoder.", "found image_proj.* (1 key, e.g. image_proj.proj.weight), ip_adapter.* (1 key",
+    for part in ("expected FacialEncoder.",
+                 "found image_proj.* (1 key, e.g. image_proj.proj.weight), ip_adapter.* (1 key",
                  "missing FacialEncoder, adapter_modules", "models/ipadapter/", "belong in models/consistentid/"):
         assert part in message, message
     with pytest.raises(ValueError, match="Stable Diffusion checkpoint: it belongs in models/checkpoints/"):
