@@ -238,7 +238,7 @@ def _one_face(node: str, consistentid, faces):
     if faces.count != 1:
         raise ValueError(f"{node}: 'faces' holds {faces.count} people; the facial prompt describes one person: connect "
                          f"one person's 'IDFusion ConsistentID Face' (several people: one Conditioning node each, "
-                         f"with Conditioning (Set Mask))")
+                         f"with 'identity_masks' and 'person')")
     return faces.faces[0]
 
 
@@ -291,11 +291,10 @@ class ConsistentIDApply(io.ComfyNode):
         if lora_strength != 0:
             m.add_patches(lora_patches(m, consistentid, processors), lora_strength)
         mixed = identity_mode == MODE_MIX
-        tokens = faces_tokens(faces, mixed)
-        spec = IDTokens(consistentid.adapter, {key: str(i) for i, (_, key, attn) in enumerate(processors)
-                                               if attn == "attn2"},
-                        tokens, faces.faces[0].uncond_id_tokens, id_strength, identity_mode,
-                        faces.mix() if not mixed else faces.mix().new_ones(1), routing.masks, outside)
+        layers = {key: str(i) for i, (_, key, attn) in enumerate(processors) if attn == "attn2"}
+        mix = faces.mix().new_ones(1) if mixed else faces.mix()                   # a mix is one set of tokens
+        spec = IDTokens(consistentid.adapter, layers, faces_tokens(faces, mixed), faces.faces[0].uncond_id_tokens,
+                        id_strength, identity_mode, mix, routing.masks, outside)
         patch_id_tokens(m, spec)
         set_outer_sample_wrapper(m, WRAPPER_KEY, merge_wrapper)
         return io.NodeOutput(m)
