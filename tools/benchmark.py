@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
+from idf_testlib import consistentid_fixtures as CF  # noqa: E402
 from idf_testlib import engine as E  # noqa: E402
+from idf_testlib import face_fixtures as FF  # noqa: E402
 from idf_testlib import host as H  # noqa: E402
 from idf_testlib import models as M  # noqa: E402
 from idf_testlib.paths import ARTIFACTS, COMFY  # noqa: E402
@@ -58,8 +60,10 @@ ROWS = {
     "fused_1": "fused KV, 1 identity (× unpatched, cached)",
     "fused_2": "fused KV, 2 identities (× unpatched, cached)",
     "fused_2_masked": "fused KV, 2 identities, masked (× unpatched, cached)",
+    "consistentid": "ConsistentID: LoRA + ID tokens in every cross-attention (× unpatched)",
     "memory": "peak memory growth, MiB: unpatched / cold / cached",
     "passes": "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
+    "consistentid_encode": "ConsistentID encoding of one 512 px photo, s: cold / cached",
 }
 
 
@@ -173,6 +177,56 @@ def lower_bound_model(model, patched, timestep: float, device, dtype):
         attn1 = blocks[key].attn1
         m.set_model_attn1_replace(ConcatAttention(attn1.to_k(tokens), attn1.to_v(tokens)), *key)
     return m
+
+
+def consistentid_weights(quick: bool):
+    """ConsistentID weights in the official layout (random): full size, or for the tiny UNet."""
+    from IDFusion.models.consistentid.weights import from_groups
+    channels = (32, 64, 128, 128) if quick else (320, 640, 1280, 1280)
+    groups = CF.official_groups(CF.processor_names("sd15"), channels, **(CF.TINY if quick else CF.FULL))
+    return from_groups(groups, "benchmark-ConsistentID-v1.bin", f"benchmark-{quick}")
+
+
+def consistentid_model(model, weights):
+    """The MODEL patched by ConsistentID Apply (official strengths) for one person."""
+    from IDFusion.models.consistentid.face import ConsistentIDFaces
+    from IDFusion.nodes.consistentid import ConsistentIDApply
+    faces = ConsistentIDFaces(weights, (CF.random_face(weights),), (1.0,))
+    return ConsistentIDApply.execute(model, weights, faces, 1.0, 1.0, MIX, "all").result[0]
+
+
+def consistentid_encoding(weights, quick: bool) -> tuple[float, float]:
+    """Seconds of the one-time encoding of a 512 px photo (ArcFace, parsing, CLIP vision of the photo and
+    its regions, FacialEncoder, ID projection): fresh, then served by the content cache."""
+    import comfy.clip_vision
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from facexlib.parsing.bisenet import BiSeNet
+    from IDFusion.models.consistentid.face import ARCFACE_RGB, ENCODINGS, NO_FACE_ERROR, encode_cached
+    from IDFusion.models.faces.analysis import load_analyzer
+    from IDFusion.models.faces.parsing import FaceParser
+    if quick:
+        vision = CF.tiny_clip_vision()
+    else:
+        config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json"
+        vision = comfy.clip_vision.ClipVisionModel(str(config))
+        M.init_weights(vision.model, seed=6)
+    bisenet = BiSeNet(num_class=19).eval()
+    bisenet.load_state_dict(CF.parser_state())
+    parser = FaceParser(comfy.model_patcher.ModelPatcher(bisenet, mm.get_torch_device(), mm.unet_offload_device()),
+                        "benchmark")
+    FF.insightface_pack("buffalo_l")
+    analyzer = load_analyzer("buffalo_l", "CPU", 640)
+    photo = FF.scene(512, 512, [FF.MarkerFace(256, 240, 110, 140)], seed=2)
+    ENCODINGS.reset()
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        encode_cached(weights, vision, analyzer, parser, photo, "benchmark", ARCFACE_RGB, NO_FACE_ERROR, "benchmark")
+        seconds.append(time.perf_counter() - start)
+    if ENCODINGS.stats() != {"encodings": 1, "hits": 1, "entries": 1}:
+        raise RuntimeError(f"the ConsistentID encoding cache did not serve the second call: {ENCODINGS.stats()}")
+    return seconds[0], seconds[1]
 
 
 # --- one call, timed ------------------------------------------------------------------------------
@@ -328,8 +382,10 @@ def measure(cases: list[Case], rounds: int, warmup: int, device: torch.device, c
                 f"N={case.refs if case.refs is not None else '-'}  wall {timing.wall:8.3f} s  cpu {timing.cpu:8.3f} s")
 
 
-def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, device, dtype) -> tuple[list[Case], dict]:
-    """Every timed case at one image size, and the patched MODELs by (kind, N)."""
+def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, device, dtype,
+               consistentid=None) -> tuple[list[Case], dict]:
+    """Every timed case at one image size, and the patched MODELs by (kind, N); with ``refs`` empty,
+    the unpatched and ConsistentID cases only."""
     from IDFusion.models.feature_cache import FEATURE_CACHE
     latent = size // 8
     sigma = float(model.model.model_sampling.percent_to_sigma(0.5))
@@ -337,6 +393,8 @@ def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, d
     main = make_inputs(2, latent, width, sigma, device, dtype)
     base = Case("unpatched", None, lambda: apply_model(model, main))
     cases, patched = [base], {}
+    if consistentid is not None:
+        cases.append(Case("consistentid", None, lambda m=consistentid: apply_model(m, main)))
     for n in refs:
         ident_a = E.identity(10 + n, count=n, latent=ref_latent, label="a", width=width)
         ident_b = E.identity(20 + n, count=n, latent=ref_latent, label="b", width=width)
@@ -386,7 +444,8 @@ def _mib(value: float) -> str:
     return f"{value / 2 ** 20:.0f}"
 
 
-def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int) -> str:
+def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int,
+                  encoding: tuple[float, float] | None = None) -> str:
     head = "| measure | size | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |"
     lines = [head, "|" + "---|" * (2 + len(refs))]
 
@@ -400,6 +459,10 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         ratio = lambda key, n: by[(key, n)].median / t0                                  # noqa: E731
         label = f"{size} px"
         row("unpatched", label, [f"{t0:.3f}"] * len(refs))
+        if ("consistentid", None) in by:
+            row("consistentid", label, [_ratio(ratio("consistentid", None))] * len(refs))
+        if ("cold", refs[0]) not in by:
+            continue
         for key in ("cold", "cached", "bound"):
             row(key, label, [_ratio(ratio(key, n)) for n in refs])
         row("vs_bound", label, [_ratio(by[("cached", n)].median / by[("bound", n)].median) for n in refs])
@@ -408,7 +471,10 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         peak = lambda key, n: by[(key, n)].peak                                          # noqa: E731
         row("memory", label, [f"{_mib(unpatched.peak)} / {_mib(peak('cold', n))} / {_mib(peak('cached', n))}"
                               for n in refs])
-    row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
+    if passes:
+        row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
+    if encoding is not None:
+        row("consistentid_encode", "512 px", [f"{encoding[0]:.2f} / {encoding[1]:.3f}"] * len(refs))
     return "\n".join(lines)
 
 
@@ -458,6 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "torch runs one thread; robust to other processes on a shared machine). auto: cpu on the CPU "
                         "with one torch thread, else wall")
     p.add_argument("--quick", action="store_true", help="tiny UNet, 64 px, one round: a smoke check, not a measurement")
+    p.add_argument("--only", choices=("all", "consistentid"), default="all",
+                   help="consistentid: only the unpatched and ConsistentID cases and its encoding (default all)")
     p.add_argument("--out", type=Path, help="markdown file to write (default: test-artifacts/benchmark-<device>.md)")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -515,18 +583,23 @@ def main(argv=None) -> int:
         f"{device_words(device)}, host attention {host_attention_name()}")
 
     measured, patched = {}, {}
+    cid_weights = consistentid_weights(args.quick)
+    refs = args.refs if args.only == "all" else []
     for size in args.sizes:
-        cases, models = size_cases(model, width, size, args.refs, args.ref_latent, device, dtype)
+        cases, models = size_cases(model, width, size, refs, args.ref_latent, device, dtype,
+                                   consistentid_model(model, cid_weights))
         patched.update(models)
         timed_call(cases[0].run, device)                                             # process warm-up
         measure(cases, args.repeats, args.warmup, device, args.clock, f"{size} px")
         measured[size] = {(c.key, c.refs): c for c in cases}
     passes = {}
-    for n in args.refs:
+    for n in refs:
         passes[n] = sampling_passes(patched[("reference", n)], width, args.sampling_size, args.steps)
         log(f"sampling, N={n}: reference passes {passes[n][0]} then {passes[n][1]}")
+    encoding = consistentid_encoding(cid_weights, args.quick)
+    log(f"ConsistentID encoding: {encoding[0]:.2f} s, then {encoding[1]:.3f} s from the cache")
 
-    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size)
+    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, encoding)
     header = (f"# IDFusion benchmark: {device_words(device)}\n\n"
               f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
               f"{'tiny' if args.quick else 'full-size'} random SD1.5 UNet, {str(dtype).replace('torch.', '')}; "
@@ -546,6 +619,11 @@ def main(argv=None) -> int:
              "with the main batch; this is only that larger forward (no attention concatenation), a floor for it.\n"
              "- Fused KV: every block's cross-attention, N references per identity; *masked*: two identities in "
              "the left and right halves (routing bias).\n"
+             "- ConsistentID: its LoRA as weight patches (the host merges them into the weights when it loads the "
+             "MODEL, so the call's work is the plain call's) and 4 ID tokens in every cross-attention, one person, "
+             "official strengths. Its encoding (ArcFace, BiSeNet, CLIP-ViT-H of the photo and up to five regions, "
+             "FacialEncoder, ID projection; random full-size weights, synthetic buffalo_l) runs once per photo and "
+             "is then served by its content cache.\n"
              f"- {memory_note(device)}\n")
     document = f"{header}\n{table}\n\n{notes}\n## Timings\n\n{raw_table(args.sizes, measured)}\n"
     print(table, flush=True)

@@ -24,6 +24,19 @@ CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 FLASHFACE = "flashface.ckpt"
 CONTROLNET = "control_v11p_sd15_openpose.pth"
 NEGATIVE = "blurry, lowres, bad anatomy, deformed face, watermark, text"
+CONSISTENTID = "ConsistentID-v1.bin"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+FACE_PARSING = "face_parsing.pth"
+#: ConsistentID's infer.py: its prompt wrapping and negative prompt (joined without a separator, as there).
+CID_PROMPT = ("cinematic photo,{}, 50mm photograph, half-length portrait, film, bokeh, professional, 4k, "
+              "highly detailed")
+CID_NEGATIVE = ("monochrome, lowres, bad anatomy, worst quality, low quality, blurry((((ugly)))), (((duplicate))), "
+                "((morbid)), ((mutilated)), [out of frame], extra fingers, mutated hands, ((poorly drawn hands)), "
+                "((poorly drawn face)), (((mutation))), (((deformed))), ((ugly)), blurry, ((bad anatomy)), "
+                "(((bad proportions))), ((extra limbs)), cloned face, (((disfigured))). out of frame, ugly, extra "
+                "limbs, (bad anatomy), gross proportions, (malformed limbs), ((missing arms)), ((missing legs)), "
+                "(((extra arms))), (((extra legs))), mutated hands, (fused fingers), (too many fingers), "
+                "(((long neck)))")
 
 
 class Graph(Builder):
@@ -192,8 +205,98 @@ def pose_driven_personalization(info) -> dict:
     return g.workflow()
 
 
+class ConsistentIDGraph(Graph):
+    """The ConsistentID pieces: its file, CLIP-ViT-H, buffalo_l and BiSeNet, one encoding per person."""
+
+    def consistentid(self):
+        self.ckpt = self.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+        self.cid = self.add("IDFusionConsistentIDLoader", weights=CONSISTENTID)[0]
+        self.vision = self.add("CLIPVisionLoader", clip_name=CLIP_VISION)[0]
+        self.analyzer = self.add("IDFusionFaceAnalysisLoader", pack="buffalo_l", provider="auto", det_size=640)
+        self.parser = self.add("IDFusionFaceParsingLoader", model=FACE_PARSING)[0]
+
+    def person(self, photo: str, label: str):
+        image = self.add("LoadImage", title=f"{label}: {photo}", image=photo)
+        return self.add("IDFusionConsistentIDFace", title=label, consistentid=self.cid, analyzer=self.analyzer[0],
+                        parser=self.parser, image=image["IMAGE"], clip_vision=self.vision, label=label)[0]
+
+    def prompts(self, faces, text: str, **region):
+        return self.add("IDFusionConsistentIDConditioning", clip=self.ckpt["CLIP"], consistentid=self.cid, faces=faces,
+                        text=CID_PROMPT.format(text), negative=CID_NEGATIVE, merge_at=0.6, **region)
+
+    def official_sampler(self, model, positive, negative, width: int, height: int, prefix: str):
+        """infer.py's sampling: Euler, 50 steps, CFG 5, seed 2024."""
+        latent = self.add("EmptyLatentImage", width=width, height=height, batch_size=1)
+        out = self.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent["LATENT"],
+                       seed=2024, steps=50, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        self.save(out["LATENT"], prefix)
+
+
+CID_MODELS = (f"Models: models/checkpoints/ (any SD1.5; the paper used Realistic Vision 6), models/consistentid/"
+              f"{CONSISTENTID}, models/clip_vision/{CLIP_VISION}, models/insightface/models/buffalo_l/, "
+              f"models/facexlib/{FACE_PARSING} (or facexlib's parsing_bisenet.pth).")
+
+
+def consistentid_one_person(info) -> dict:
+    g = ConsistentIDGraph(info)
+    g.note("ConsistentID with the official defaults (infer.py): one photo, the fixed facial caption fused with the "
+           "face's regions, 4 ID tokens in every cross-attention, the text-only prompt for steps 0-30 and the facial "
+           f"prompt after (merge_at 0.6 of 50 Euler steps), CFG 5, 512x768.\n{CID_MODELS}")
+    g.consistentid()
+    face = g.person("idfusion_person_a_1.png", "person A")
+    prompts = g.prompts(face, "A man, in a forest, adventuring")
+    model = g.add("IDFusionConsistentIDApply", model=g.ckpt["MODEL"], consistentid=g.cid, faces=face,
+                  id_strength=1.0, lora_strength=1.0)
+    g.official_sampler(model["MODEL"], prompts[0], prompts[1], 512, 768, "consistentid")
+    return g.workflow()
+
+
+def consistentid_two_people(info) -> dict:
+    g = ConsistentIDGraph(info)
+    g.note("Two people with ConsistentID, person A on the left, person B on the right: each region's queries see "
+           "only that person's ID tokens, and each person's facial prompt is restricted to their region; a scene "
+           f"prompt covers the whole picture.\n{CID_MODELS}")
+    g.consistentid()
+    a, b = g.person("idfusion_person_a_1.png", "person A"), g.person("idfusion_person_b_1.png", "person B")
+    both = g.add("IDFusionConsistentIDCombine", faces_1=a, weight_1=1.0, faces_2=b, weight_2=1.0)[0]
+    masks = g.add("IDFusionMultiIDMasks", width=768, height=512, count=2, source="columns (left to right)",
+                  overlap="earlier identity wins")["IDENTITY_MASKS"]
+    left = g.prompts(a, "a man on the left", person=1, identity_masks=masks)
+    right = g.prompts(b, "a woman on the right", person=2, identity_masks=masks)
+    scene = g.add("CLIPTextEncode", title="Scene prompt", text="photo of two friends standing side by side on a "
+                  "beach, sunset", clip=g.ckpt["CLIP"])
+    people = g.add("ConditioningCombine", conditioning_1=left[0], conditioning_2=right[0])
+    positive = g.add("ConditioningCombine", conditioning_1=people[0], conditioning_2=scene[0])
+    negative = g.add("ConditioningCombine", conditioning_1=left[1], conditioning_2=right[1])
+    model = g.add("IDFusionConsistentIDApply", model=g.ckpt["MODEL"], consistentid=g.cid, faces=both,
+                  id_strength=1.0, lora_strength=1.0, identity_mode="by region (identity masks)", outside="none",
+                  identity_masks=masks)
+    g.official_sampler(model["MODEL"], positive[0], negative[0], 768, 512, "consistentid_two_people")
+    return g.workflow()
+
+
+def consistentid_reference_attention(info) -> dict:
+    g = ConsistentIDGraph(info)
+    g.note("ConsistentID and FlashFace-style reference attention on one MODEL: ConsistentID's LoRA and ID tokens, "
+           "and self-attention over two reference photos of the same person (training-free: the checkpoint's own "
+           f"UNet encodes them).\n{CID_MODELS}")
+    g.consistentid()
+    face = g.person("idfusion_person_a_1.png", "person A")
+    prompts = g.prompts(face, "A man, in a forest, adventuring")
+    refnet = g.add("IDFusionReferenceNetLoader", model=g.ckpt["MODEL"], weights="training-free (this MODEL's own UNet)")
+    identity = g.identity(["idfusion_person_a_2.png", "idfusion_person_a_3.png"], "person A")
+    features = g.features(refnet, identity)
+    model = g.add("IDFusionConsistentIDApply", model=refnet["MODEL"], consistentid=g.cid, faces=face,
+                  id_strength=1.0, lora_strength=1.0)
+    model = g.add("IDFusionReferenceAttention", model=model["MODEL"], features=features, strength=0.6,
+                  blocks="auto (FlashFace: decoder)")
+    g.official_sampler(model["MODEL"], prompts[0], prompts[1], 512, 768, "consistentid_reference")
+    return g.workflow()
+
+
 GRAPHS = [flashface_four_references, training_free_sd15, identity_mixing, fused_kv_three_references, two_person_masks,
-          pose_driven_personalization]
+          pose_driven_personalization, consistentid_one_person, consistentid_two_people,
+          consistentid_reference_attention]
 
 
 def main() -> None:

@@ -38,7 +38,21 @@ def prepared(server, sd15_checkpoint):
             return 2
         if name in ("size", "crop_size"):
             return TEST_CROP_SIZE
+        if name == "merge_at":
+            return 0.2                      # 2 steps: the text-only prompt at step 0, the facial one at step 1
         return value
     return overrides
 
 
+
+
+@pytest.fixture(scope="session")
+def consistentid_models(server, host):
+    """Full-size ConsistentID files under their release names: ConsistentID-v1.bin (official keys and
+    shapes, random), CLIP-ViT-H-14 (random, fp16), a BiSeNet as face_parsing.pth that finds every
+    region, and the synthetic buffalo_l pack."""
+    from idf_testlib import consistentid_fixtures as cf
+    cf.full_checkpoint()
+    cf.clip_vision_h()
+    cf.parsing_weights()
+    faces.insightface_pack("buffalo_l")

@@ -16,7 +16,9 @@ DEDICATED = {"pose_driven_personalization.json": "test_faces_workflow.py"}
 
 
 @pytest.mark.parametrize("name", [n for n in workflows.names() if n not in DEDICATED])
-def test_workflow_runs_end_to_end(server, prepared, artifacts, name):
+def test_workflow_runs_end_to_end(server, prepared, artifacts, name, request):
+    if name.startswith("consistentid"):
+        request.getfixturevalue("consistentid_models")
     info = server.object_info()
     prompt = workflows.to_api(workflows.load(name), info, prepared)
     entry = server.run(prompt, timeout=900)

@@ -11,6 +11,7 @@ from idf_testlib.paths import ROOT
 
 ROW_LABELS = (
     "unpatched forward, batch 2 (s)",
+    "ConsistentID: LoRA + ID tokens in every cross-attention (× unpatched)",
     "reference attention, cold (× unpatched)",
     "reference attention, cached (× unpatched)",
     "lower bound: one attention over [self; refs] (× unpatched)",
@@ -21,6 +22,7 @@ ROW_LABELS = (
     "fused KV, 2 identities, masked (× unpatched, cached)",
     "peak memory growth, MiB: unpatched / cold / cached",
     "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
+    "ConsistentID encoding of one 512 px photo, s: cold / cached",
 )
 
 
@@ -38,6 +40,6 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     for label, line in rows.items():
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == 4 and all(cells), line
-    passes = [c.strip() for c in rows[ROW_LABELS[-1]].strip("|").split("|")[2:]]
+    passes = [c.strip() for c in rows[ROW_LABELS[-2]].strip("|").split("|")[2:]]
     assert all(p.endswith("/ 0") for p in passes), passes         # the second run is served by the cache
     assert out.read_text().count("| measure |") == 1

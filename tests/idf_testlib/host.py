@@ -40,7 +40,8 @@ def boot() -> None:
     args.disable_api_nodes = True
     import folder_paths
     models = CACHE / "models"
-    for folder in ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet"):
+    for folder in ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet",
+                   "consistentid", "clip_vision"):
         (models / folder).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
     folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="idfusion-host-temp-"))   # previews of host tests
