@@ -8,10 +8,10 @@ photos into the server's input folder), builds every graph below with the node d
 host reports (so widget order and sockets always match the code), opens each one in the
 frontend (Debian's chromium) to measure every node as the canvas and the Vue-node renderers
 draw it, lays the graph out with those sizes (tests/idf_testlib/layout.py), and writes
-``workflows/<name>.json`` and the Templates menu's thumbnail ``workflows/<name>.jpg``.
+`*workflows/<name>.json** and the Templates menu's thumbnail **workflows/<name>.jpg*`.
 
-A new example is a function below that builds a graph with ``Graph`` and ends with
-``return g``; add it to GRAPHS. Every workflow is run end to end by tests/e2e/test_workflows.py
+A new example is a function below that builds a graph with `*Graph*` and ends with
+`*return g*`; add it to GRAPHS. Every workflow is run end to end by tests/e2e/test_workflows.py
 and opened from the Templates menu and run by tests/browser/test_templates.py.
 """
 from __future__ import annotations
@@ -46,9 +46,9 @@ OUTPUT_SIZE = (420, 200)
 THUMBNAIL = (512, 512)
 #: The frontend command that hides its menus and panels, leaving the canvas.
 FOCUS_MODE = "Workspace.ToggleFocusMode"
-MODELS_FIRST = (f"**Set first (Models group):** `models/checkpoints/{CHECKPOINT}` or any SD1.5 checkpoint; "
-                "`models/insightface/models/antelopev2/` (the face analysis pack).")
-FLASHFACE_FIRST = f" `models/flashface/{FLASHFACE}` (the FlashFace release) in the ReferenceNet Loader."
+MODELS_FIRST = (f"**Set first (Models group):** *models/checkpoints/{CHECKPOINT}* or any SD1.5 checkpoint; "
+                "*models/insightface/models/antelopev2/* (the face analysis pack).")
+FLASHFACE_FIRST = f" *models/flashface/{FLASHFACE}* (the FlashFace release) in the ReferenceNet Loader."
 
 
 class Graph(Builder):
@@ -166,7 +166,7 @@ def fused_kv_three_references(info) -> Graph:
     g.note("### Fused keys/values (face fusion) from three reference photos\n"
            + MODELS_FIRST + "\n\n"
            "The faces join the text in every cross-attention under one softmax. Training-free projections by "
-           "default; trained adapters go in `models/idfusion/`. **Then:** three photos of your person.")
+           "default; trained adapters go in *models/idfusion/*. **Then:** three photos of your person.")
     g.base("a photo of a woman reading a book in a cafe, cinematic")
     refnet = g.reference_net("training-free (this MODEL's own UNet)")
     features = g.features(refnet, g.identity([ASTRONAUT] * 3, "person A"))
@@ -202,12 +202,12 @@ def two_person_masks(info) -> Graph:
 def pose_driven_personalization(info) -> Graph:
     g = Graph(info)
     g.note("### Pose-driven personalization (FaceSnap's landmark predictor)\n"
-           + MODELS_FIRST + f" `models/controlnet/{CONTROLNET}` (an SD1.5 OpenPose ControlNet).\n\n"
+           + MODELS_FIRST + f" *models/controlnet/{CONTROLNET}* (an SD1.5 OpenPose ControlNet).\n\n"
            "Person A's face in the pose and expression of a driving photo: the Landmark Predictor keeps A's 3D "
            "face shape, takes head pose and expression from the driving face and draws OpenPose face keypoints "
            "for the ControlNet; reference attention, restricted to the driving face's position, keeps the "
            "likeness. **Then:** a photo of person A and a driving photo. With FlashFace weights pick "
-           f"`{FLASHFACE}` in the ReferenceNet Loader.")
+           f"*{FLASHFACE}* in the ReferenceNet Loader.")
     g.base("a photo of a woman laughing, city street at night, bokeh, detailed skin")
     refnet = g.reference_net("training-free (this MODEL's own UNet)")
     source = g.faces(g.photo(ASTRONAUT, "person A")["IMAGE"], "person A: face")
@@ -326,8 +326,7 @@ def thumbnail(frontend: FrontendPage, workflow: dict, name: str, path: Path) -> 
 def workflow_bounds(workflow: dict) -> list[float]:
     """[left, top, width, height] around the groups and the note, in graph units."""
     rects = [g["bounding"] for g in workflow["groups"]]
-    rects += [[n["pos"][0], n["pos"][1] - layout.NODE_TITLE, n["size"][0], n["size"][1] + layout.NODE_TITLE]
-              for n in workflow["nodes"] if n["type"] in NOTE_TYPES]
+    rects += [layout.node_rect(n["pos"], n["size"]) for n in workflow["nodes"] if n["type"] in NOTE_TYPES]
     return layout.bounds(rects)
 
 

@@ -160,6 +160,11 @@ def place(boxes: list[Box], top: float = 0.0) -> list[dict]:
     return groups
 
 
+def node_rect(pos, size) -> list[float]:
+    """[x, y, width, height] of a node drawn at ``pos`` with ``size``, its title bar included."""
+    return [pos[0], pos[1] - NODE_TITLE, size[0], size[1] + NODE_TITLE]
+
+
 def bounds(rects: list[list[float]]) -> list[float]:
     """[left, top, width, height] around [x, y, w, h] rectangles."""
     left, top = min(r[0] for r in rects), min(r[1] for r in rects)

@@ -104,6 +104,7 @@ PREVIEW_TYPES = {"IDFusionLandmarkPredictor"}
 PREVIEW_HEIGHT = 280
 DEFAULT_WIDTH = 320
 NOTE_WIDTH = 720
+NOTE_TITLE = "Read me first"
 
 
 def estimated_size(node: Node) -> tuple[float, float]:
@@ -112,9 +113,9 @@ def estimated_size(node: Node) -> tuple[float, float]:
 
 
 def note_size(text: str) -> tuple[float, float]:
-    """Room for a note's text at 12-px type: about 95 characters a line."""
-    lines = sum(1 + len(paragraph) // 95 for paragraph in text.split("\n"))
-    return NOTE_WIDTH, 60 + 20 * lines
+    """Room for a note's text at the frontend's 12-px type: about 105 characters a line of 18 px."""
+    lines = sum(1 + len(paragraph) // 105 for paragraph in text.split("\n"))
+    return NOTE_WIDTH, 50 + 18 * lines
 
 
 class Builder:
@@ -196,9 +197,9 @@ class Builder:
                                  "links": outgoing.get((node.id, i), [])} for i, t in enumerate(node.info["output"])]
         rects = [g["bounding"] for g in groups]
         if self.text:
-            ui_nodes.append(self._note_entry(len(ui_nodes) + 1, layout.bounds(rects)))
-            rects.append(ui_nodes[-1]["pos"][:1] + [ui_nodes[-1]["pos"][1] - layout.NODE_TITLE]
-                         + [ui_nodes[-1]["size"][0], ui_nodes[-1]["size"][1] + layout.NODE_TITLE])
+            note = self._note_entry(len(ui_nodes) + 1, layout.bounds(rects))
+            ui_nodes.append(note)
+            rects.append(layout.node_rect(note["pos"], note["size"]))
         return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
                 "groups": groups, "config": {}, "extra": {"ds": layout.view(rects)}, "version": 0.4}
 
@@ -206,8 +207,8 @@ class Builder:
         """The note, above the graph's top-left corner."""
         width, height = note_size(self.text)
         pos = [graph[0], graph[1] - layout.GROUP_GAP - height]
-        return {"id": node_id, "type": "MarkdownNote", "pos": pos, "size": [width, height], "flags": {},
-                "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+        return {"id": node_id, "type": "MarkdownNote", "title": NOTE_TITLE, "pos": pos, "size": [width, height],
+                "flags": {}, "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {},
                 "widgets_values": [self.text], "color": "#432", "bgcolor": "#653"}
 
 
