@@ -8,10 +8,10 @@ photos into the server's input folder), builds every graph below with the node d
 host reports (so widget order and sockets always match the code), opens each one in the
 frontend (Debian's chromium) to measure every node as the canvas and the Vue-node renderers
 draw it, lays the graph out with those sizes (tests/idf_testlib/layout.py), and writes
-`*workflows/<name>.json** and the Templates menu's thumbnail **workflows/<name>.jpg*`.
+``workflows/<name>.json`` and the Templates menu's thumbnail ``workflows/<name>.jpg``.
 
-A new example is a function below that builds a graph with `*Graph*` and ends with
-`*return g*`; add it to GRAPHS. Every workflow is run end to end by tests/e2e/test_workflows.py
+A new example is a function below that builds a graph with ``Graph`` and ends with
+``return g``; add it to GRAPHS. Every workflow is run end to end by tests/e2e/test_workflows.py
 and opened from the Templates menu and run by tests/browser/test_templates.py.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ NEGATIVE = "blurry, lowres, bad anatomy, deformed face, watermark, text"
 ASTRONAUT = "idfusion_astronaut.png"
 HOPPER = "idfusion_grace_hopper.jpg"
 CHARACTER = "idfusion_character.png"
-#: FlashFace's defaults (docs: issue 9): uniform ('simple') timesteps and detection threshold.
+#: FlashFace's sampling over uniform ('simple') timesteps, and its face detection threshold.
 SCHEDULER = "simple"
 MIN_SCORE = 0.6
 PROMPT_SIZE = (420, 200)
@@ -88,18 +88,18 @@ class Graph(Builder):
     def empty_latent(self, width: int, height: int):
         return self.add("EmptyLatentImage", width=width, height=height, batch_size=1)["LATENT"]
 
-    def ksampler(self, model, latent, prefix: str, steps: int = 25, cfg: float = 7.0, denoise: float = 1.0):
+    def ksampler(self, model, latent, prefix: str):
         out = self.add("KSampler", model=model, positive=self.positive[0], negative=self.negative[0],
-                       latent_image=latent, seed=42, steps=steps, cfg=cfg, sampler_name="dpmpp_2m",
-                       scheduler="karras", denoise=denoise)
+                       latent_image=latent, seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
+                       scheduler="karras", denoise=1.0)
         self.save(self.decode(out["LATENT"]), prefix)
 
-    def guided(self, model, latent, steps: int = 25, denoise: float = 1.0):
+    def guided(self, model, latent, denoise: float = 1.0):
         """FlashFace's sampling: three-way reference guidance, DDIM over uniform timesteps."""
         guider = self.add("IDFusionReferenceGuider", model=model, positive=self.positive[0], negative=self.negative[0],
                           text_scale=7.5, reference_scale=2.0, lambda_before=0.85, launch_timestep=750, rescale=0.5)
         sampler = self.add("KSamplerSelect", sampler_name="ddim")
-        sigmas = self.add("BasicScheduler", model=model, scheduler=SCHEDULER, steps=steps, denoise=denoise)
+        sigmas = self.add("BasicScheduler", model=model, scheduler=SCHEDULER, steps=25, denoise=denoise)
         noise = self.add("RandomNoise", noise_seed=42)
         out = self.add("SamplerCustomAdvanced", noise=noise["NOISE"], guider=guider["reference guider"],
                        sampler=sampler["SAMPLER"], sigmas=sigmas["SIGMAS"], latent_image=latent)
@@ -108,8 +108,8 @@ class Graph(Builder):
     def decode(self, latent):
         return self.add("VAEDecode", samples=latent, vae=self.ckpt["VAE"])["IMAGE"]
 
-    def save(self, image, prefix: str, title: str | None = None):
-        self.add("SaveImage", title=title, images=image, filename_prefix=f"IDFusion/{prefix}", min_size=OUTPUT_SIZE)
+    def save(self, image, prefix: str):
+        self.add("SaveImage", images=image, filename_prefix=f"IDFusion/{prefix}", min_size=OUTPUT_SIZE)
 
 
 def flashface_four_references(info) -> Graph:
