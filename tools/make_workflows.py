@@ -11,7 +11,7 @@ draw it, lays the graph out with those sizes (tests/idf_testlib/layout.py), and 
 ``workflows/<name>.json`` and the Templates menu's thumbnail ``workflows/<name>.jpg``.
 
 A new example is a function below that builds a graph with ``Graph`` and ends with
-``return g``; add it to GRAPHS. Every workflow is run end to end by tests/e2e/test_workflows.py
+``return g.workflow()``; add it to GRAPHS. Every workflow is run end to end by tests/e2e/test_workflows.py
 and opened from the Templates menu and run by tests/browser/test_templates.py.
 """
 from __future__ import annotations
@@ -52,7 +52,13 @@ FLASHFACE_FIRST = f" *models/flashface/{FLASHFACE}* (the FlashFace release) in t
 
 
 class Graph(Builder):
-    """Builder with the pieces every IDFusion example shares."""
+    """Builder with the pieces every IDFusion example shares. ``workflow()`` lays the graph out with
+    the node sizes main() measured in the frontend (``Graph.measured``; estimates before that)."""
+
+    measured: dict[int, tuple[float, float]] | None = None
+
+    def workflow(self) -> dict:
+        return super().workflow(Graph.measured)
 
     def base(self, prompt: str):
         self.ckpt = self.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
@@ -88,14 +94,19 @@ class Graph(Builder):
     def empty_latent(self, width: int, height: int):
         return self.add("EmptyLatentImage", width=width, height=height, batch_size=1)["LATENT"]
 
-    def ksampler(self, model, latent, prefix: str):
+    def ksampler(self, model, width: int, height: int, prefix: str):
+        """Text to image with a plain KSampler, decoded and saved."""
         out = self.add("KSampler", model=model, positive=self.positive[0], negative=self.negative[0],
-                       latent_image=latent, seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
-                       scheduler="karras", denoise=1.0)
-        self.save(self.decode(out["LATENT"]), prefix)
+                       latent_image=self.empty_latent(width, height), seed=42, steps=25, cfg=7.0,
+                       sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+        self.save(out["LATENT"], prefix)
 
-    def guided(self, model, latent, denoise: float = 1.0):
-        """FlashFace's sampling: three-way reference guidance, DDIM over uniform timesteps."""
+    def guided(self, model, width: int, height: int, prefix: str):
+        """Text to image with FlashFace's sampling, decoded and saved."""
+        self.save(self.guided_sampling(model, self.empty_latent(width, height)), prefix)
+
+    def guided_sampling(self, model, latent, denoise: float = 1.0):
+        """FlashFace's sampling of ``latent``: three-way reference guidance, DDIM over uniform timesteps."""
         guider = self.add("IDFusionReferenceGuider", model=model, positive=self.positive[0], negative=self.negative[0],
                           text_scale=7.5, reference_scale=2.0, lambda_before=0.85, launch_timestep=750, rescale=0.5)
         sampler = self.add("KSamplerSelect", sampler_name="ddim")
@@ -108,11 +119,14 @@ class Graph(Builder):
     def decode(self, latent):
         return self.add("VAEDecode", samples=latent, vae=self.ckpt["VAE"])["IMAGE"]
 
-    def save(self, image, prefix: str):
+    def save(self, latent, prefix: str):
+        self.save_image(self.decode(latent), prefix)
+
+    def save_image(self, image, prefix: str):
         self.add("SaveImage", images=image, filename_prefix=f"IDFusion/{prefix}", min_size=OUTPUT_SIZE)
 
 
-def flashface_four_references(info) -> Graph:
+def flashface_four_references(info) -> dict:
     g = Graph(info)
     g.note("### FlashFace: one person from four reference photos\n"
            + MODELS_FIRST + FLASHFACE_FIRST + "\n\n"
@@ -125,11 +139,11 @@ def flashface_four_references(info) -> Graph:
     position = g.add("IDFusionFacePositionMask", width=768, height=768, x1=0.3, y1=0.1, x2=0.6, y2=0.4)
     model = g.add("IDFusionReferenceAttention", model=refnet["model to sample"], features=features, strength=0.85,
                   blocks="auto (FlashFace: decoder)", position_mask=position["position mask"])
-    g.save(g.decode(g.guided(model["patched model"], g.empty_latent(768, 768))), "flashface")
-    return g
+    g.guided(model["patched model"], 768, 768, "flashface")
+    return g.workflow()
 
 
-def training_free_sd15(info) -> Graph:
+def training_free_sd15(info) -> dict:
     g = Graph(info)
     g.note("### Training-free personalization on any SD1.5 checkpoint\n"
            + MODELS_FIRST + "\n\n"
@@ -140,11 +154,11 @@ def training_free_sd15(info) -> Graph:
     features = g.features(refnet, g.identity([HOPPER, HOPPER], "person B"))
     model = g.add("IDFusionReferenceAttention", model=refnet["model to sample"], features=features, strength=0.6,
                   blocks="auto (FlashFace: decoder)")
-    g.ksampler(model["patched model"], g.empty_latent(512, 512), "training_free")
-    return g
+    g.ksampler(model["patched model"], 512, 512, "training_free")
+    return g.workflow()
 
 
-def identity_mixing(info) -> Graph:
+def identity_mixing(info) -> dict:
     g = Graph(info)
     g.note("### Identity mixing (FlashFace supplement): two people blended by weight\n"
            + MODELS_FIRST + FLASHFACE_FIRST + "\n\n"
@@ -157,11 +171,11 @@ def identity_mixing(info) -> Graph:
     mixed = g.add("IDFusionCombineIdentities", features_1=a, weight_1=0.5, features_2=b, weight_2=0.5)
     model = g.add("IDFusionReferenceAttention", model=refnet["model to sample"], features=mixed["identities"],
                   strength=0.85, identity_mode="mix (weights)")
-    g.save(g.decode(g.guided(model["patched model"], g.empty_latent(768, 768))), "identity_mixing")
-    return g
+    g.guided(model["patched model"], 768, 768, "identity_mixing")
+    return g.workflow()
 
 
-def fused_kv_three_references(info) -> Graph:
+def fused_kv_three_references(info) -> dict:
     g = Graph(info)
     g.note("### Fused keys/values (face fusion) from three reference photos\n"
            + MODELS_FIRST + "\n\n"
@@ -172,11 +186,11 @@ def fused_kv_three_references(info) -> Graph:
     features = g.features(refnet, g.identity([ASTRONAUT] * 3, "person A"))
     model = g.add("IDFusionFusedKV", model=refnet["model to sample"], features=features, weight=1.0,
                   blocks="all (input + middle + output)", adapter="training-free (self-attention projections)")
-    g.ksampler(model["patched model"], g.empty_latent(512, 512), "fused_kv")
-    return g
+    g.ksampler(model["patched model"], 512, 512, "fused_kv")
+    return g.workflow()
 
 
-def two_person_masks(info) -> Graph:
+def two_person_masks(info) -> dict:
     g = Graph(info)
     g.note("### Two people in one picture, kept apart\n"
            + MODELS_FIRST + "\n\n"
@@ -195,11 +209,11 @@ def two_person_masks(info) -> Graph:
     model = g.add("IDFusionReferenceAttention", model=fused["patched model"], features=both["identities"],
                   strength=0.6, identity_mode="by region (identity masks)", outside="none",
                   identity_masks=masks["identity masks"])
-    g.ksampler(model["patched model"], g.empty_latent(768, 512), "two_people")
-    return g
+    g.ksampler(model["patched model"], 768, 512, "two_people")
+    return g.workflow()
 
 
-def pose_driven_personalization(info) -> Graph:
+def pose_driven_personalization(info) -> dict:
     g = Graph(info)
     g.note("### Pose-driven personalization (FaceSnap's landmark predictor)\n"
            + MODELS_FIRST + f" *models/controlnet/{CONTROLNET}* (an SD1.5 OpenPose ControlNet).\n\n"
@@ -228,11 +242,11 @@ def pose_driven_personalization(info) -> Graph:
     out = g.add("KSampler", model=model["patched model"], positive=conditioned[0], negative=conditioned[1],
                 latent_image=g.empty_latent(512, 512), seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
                 scheduler="karras", denoise=1.0)
-    g.save(g.decode(out["LATENT"]), "pose_driven")
-    return g
+    g.save(out["LATENT"], "pose_driven")
+    return g.workflow()
 
 
-def flashface_face_swap(info) -> Graph:
+def flashface_face_swap(info) -> dict:
     g = Graph(info)
     g.note("### Face swap under a prompt (FlashFace's face inpainting)\n"
            + MODELS_FIRST + FLASHFACE_FIRST + "\n\n"
@@ -252,14 +266,14 @@ def flashface_face_swap(info) -> Graph:
                   blocks="auto (FlashFace: decoder)", position_mask=target_face["position mask"])
     encoded = g.add("VAEEncode", pixels=target["IMAGE"], vae=g.ckpt["VAE"])
     masked = g.add("SetLatentNoiseMask", samples=encoded["LATENT"], mask=region["MASK"])
-    swapped = g.decode(g.guided(model["patched model"], masked["LATENT"], denoise=0.9))
+    swapped = g.decode(g.guided_sampling(model["patched model"], masked["LATENT"], denoise=0.9))
     pasted = g.add("ImageCompositeMasked", title="paste the face back", destination=target["IMAGE"],
                    source=swapped, x=0, y=0, resize_source=False, mask=region["MASK"])
-    g.save(pasted["IMAGE"], "face_swap")
-    return g
+    g.save_image(pasted["IMAGE"], "face_swap")
+    return g.workflow()
 
 
-def flashface_character_to_real(info) -> Graph:
+def flashface_character_to_real(info) -> dict:
     g = Graph(info)
     g.note("### A drawn or virtual character turned into a real person (FlashFace)\n"
            + MODELS_FIRST + FLASHFACE_FIRST + "\n\n"
@@ -277,8 +291,8 @@ def flashface_character_to_real(info) -> Graph:
     model = g.add("IDFusionReferenceAttention", model=refnet["model to sample"], features=features, strength=0.85,
                   blocks="auto (FlashFace: decoder)", position_mask=face["position mask"])
     encoded = g.add("VAEEncode", pixels=character["IMAGE"], vae=g.ckpt["VAE"])
-    g.save(g.decode(g.guided(model["patched model"], encoded["LATENT"], denoise=0.7)), "character_to_real")
-    return g
+    g.save(g.guided_sampling(model["patched model"], encoded["LATENT"], denoise=0.7), "character_to_real")
+    return g.workflow()
 
 
 GRAPHS = [flashface_four_references, training_free_sd15, identity_mixing, fused_kv_three_references, two_person_masks,
@@ -341,8 +355,9 @@ def main() -> None:
                 skip_first_visit(server.url)
                 frontend.open("/")
                 for make in GRAPHS:
-                    graph = make(info)
-                    workflow = graph.workflow(measure(frontend, graph.workflow(), make.__name__))
+                    Graph.measured = None
+                    Graph.measured = measure(frontend, make(info), make.__name__)
+                    workflow = make(info)
                     path = WORKFLOWS / f"{make.__name__}.json"
                     path.write_text(json.dumps(workflow, indent=1) + "\n")
                     thumbnail(frontend, workflow, make.__name__, path.with_suffix(".jpg"))
