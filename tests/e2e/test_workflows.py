@@ -1,7 +1,9 @@
 """Every example workflow in workflows/ runs end to end on the test server: converted to the
 API format as the frontend does, with the random-weight checkpoints in the real layouts
 (full-size SD1.5, a small FlashFace checkpoint with the official key names, synthetic
-insightface packs) and synthetic face photos under the names the workflows use."""
+insightface packs) under the model file names the workflows use, and marker photos under the
+sample photos' names (the ``prepared`` fixture), at the test host's small sizes and 2 steps.
+Output images: ``output-<name>.png`` in the artifacts folder."""
 import pytest
 from PIL import Image
 
@@ -26,7 +28,7 @@ def test_workflow_runs_end_to_end(server, prepared, artifacts, name):
     for path in saved:
         with Image.open(path) as image:
             assert image.size == (SIZE, SIZE)
-            image.save(artifacts / f"workflow-{name.removesuffix('.json')}.png")
+            image.save(artifacts / f"output-{name.removesuffix('.json')}.png")
 
 
 def test_dedicated_workflow_tests_exist():
