@@ -33,7 +33,7 @@ class ConsistentIDLoader(io.ComfyNode):
                         "safely.",
             inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list(FOLDER),
                                    tooltip="A ConsistentID file in models/consistentid/.")],
-            outputs=[types.ConsistentID.Output(display_name="CONSISTENTID",
+            outputs=[types.ConsistentID.Output(display_name="consistentid",
                                                tooltip="The FacialEncoder, ID projection, LoRA and ID-token layers.")],
         )
 
@@ -271,7 +271,8 @@ class ConsistentIDApply(io.ComfyNode):
                 types.IdentityMasks.Input("identity_masks", optional=True,
                                           tooltip="One region per person, from 'IDFusion Multi-ID Masks'."),
             ],
-            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+            outputs=[io.Model.Output(display_name="patched model",
+                                     tooltip="The patched clone; the input MODEL is untouched.")],
         )
 
     @classmethod

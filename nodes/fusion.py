@@ -58,7 +58,8 @@ class FusedKV(io.ComfyNode):
                 types.IdentityMasks.Input("identity_masks", optional=True,
                                           tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
             ],
-            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+            outputs=[io.Model.Output(display_name="patched model",
+                                     tooltip="The patched clone; the input MODEL is untouched.")],
         )
 
     @classmethod

@@ -76,7 +76,7 @@ class FaceFeatures(io.ComfyNode):
                                  tooltip="Also keep reference features on disk (ComfyUI user folder), so a re-run "
                                          "after a restart skips the reference passes."),
             ],
-            outputs=[types.ReferenceFeatures.Output(display_name="FEATURES",
+            outputs=[types.ReferenceFeatures.Output(display_name="features",
                                                     tooltip="Feed to 'IDFusion Reference Attention' or 'IDFusion Fused KV'.")],
         )
 
@@ -122,7 +122,8 @@ class CombineIdentities(io.ComfyNode):
             description="Several identities in one set: mixed by weight (FlashFace identity mixing), one per batch "
                         "item, or one per region with identity masks. Order = identity index.",
             inputs=slots,
-            outputs=[types.ReferenceFeatures.Output(display_name="FEATURES", tooltip="The combined identities, in input order.")],
+            outputs=[types.ReferenceFeatures.Output(display_name="identities",
+                                                    tooltip="The combined identities, in input order.")],
         )
 
     @classmethod
@@ -212,7 +213,8 @@ class ReferenceAttention(io.ComfyNode):
                               tooltip="Where the face goes, at the image size. FlashFace weights: the UNet's "
                                       "face-position channel. Training-free: references apply only inside."),
             ],
-            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+            outputs=[io.Model.Output(display_name="patched model",
+                                     tooltip="The patched clone; the input MODEL is untouched.")],
         )
 
     @classmethod

@@ -52,6 +52,19 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prepared(server, sd15_checkpoint):
+    """The example workflows ready to run as shipped on the test server (idf_testlib/prepared.py):
+    fixtures under their model file names, marker photos under the sample photos' names. Returns
+    the widget overrides of the 2-core test host (small images, 2 steps) for ``workflows.to_api``."""
+    from idf_testlib import prepared as ready
+    from idf_testlib import workflows
+    info = server.object_info()
+    ready.link_models([workflows.to_api(workflows.load(name), info) for name in workflows.names()])
+    ready.place_photos(server.workdir / "input")
+    return ready.affordable
+
+
+@pytest.fixture(scope="session")
 def artifacts():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS

@@ -1,7 +1,9 @@
 """Every example workflow in workflows/ runs end to end on the test server: converted to the
 API format as the frontend does, with the random-weight checkpoints in the real layouts
 (full-size SD1.5, a small FlashFace checkpoint with the official key names, synthetic
-insightface packs) and synthetic face photos under the names the workflows use."""
+insightface packs) under the model file names the workflows use, and marker photos under the
+sample photos' names (the ``prepared`` fixture), at the test host's small sizes and 2 steps.
+Output images: ``output-<name>.png`` in the artifacts folder."""
 import pytest
 from PIL import Image
 
@@ -16,9 +18,7 @@ DEDICATED = {"pose_driven_personalization.json": "test_faces_workflow.py"}
 
 
 @pytest.mark.parametrize("name", [n for n in workflows.names() if n not in DEDICATED])
-def test_workflow_runs_end_to_end(server, prepared, artifacts, name, request):
-    if name.startswith("consistentid"):
-        request.getfixturevalue("consistentid_models")
+def test_workflow_runs_end_to_end(server, prepared, artifacts, name):
     info = server.object_info()
     prompt = workflows.to_api(workflows.load(name), info, prepared)
     entry = server.run(prompt, timeout=900)
@@ -28,7 +28,7 @@ def test_workflow_runs_end_to_end(server, prepared, artifacts, name, request):
     for path in saved:
         with Image.open(path) as image:
             assert image.size == (SIZE, SIZE)
-            image.save(artifacts / f"workflow-{name.removesuffix('.json')}.png")
+            image.save(artifacts / f"output-{name.removesuffix('.json')}.png")
 
 
 def test_dedicated_workflow_tests_exist():
