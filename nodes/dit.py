@@ -8,7 +8,7 @@ import logging
 
 import comfy.patcher_extension
 import torch
-from comfy_api.latest import io
+from .api import io
 
 from . import types
 from .reference import OUTSIDE_CHOICES, build_routing, disk_cache_folder

@@ -9,9 +9,11 @@ FluxKVCache serves them from its cache. ``RoutedAttention`` (the call's
 1. **People** (native references grouped by person, ``engine.PeopleSpec``): one softmax over all
    keys with the log-bias ``log w_p(q)`` on person p's keys (``attention.groups``): text rows
    ``w = s_p``; image rows ``s_p·α_p(q)`` with α the token owner of the identity masks (queries
-   outside every region see every person, or none); reference rows see their own person only
-   (routed) or everyone (unrouted). Shared references (chained before the node) and the image
-   stay plain keys. ``s_p = 0`` removes person p's references exactly.
+   outside every region see every person, or none); a person's own reference rows ``w = 1``;
+   other reference rows ``s_p`` (unrouted) or nothing (routed: no person's references look at
+   another's, nor do the shared ones). Shared references (chained before the node) and the
+   image stay plain keys. ``s_p = 0`` removes person p's references exactly: nothing but
+   their own tokens attends to them.
 2. **Training-free references** (``engine.ReferenceSpec``): on the image rows, FlashFace's blend
    ``O_s + Σ_i λ·α_i·σ(L_i − L_s)·(O_i − O_s)`` (``attention.reference.blend``) of the block's own
    attention (after step 1) with each identity's reference keys/values from the reference pass.
@@ -97,12 +99,10 @@ def people_log_weights(people: PeopleCall, layout: BlockLayout, q_len: int, imag
     w[:, :txt] = strengths
     w[:, txt:image_end] = strengths * _region_alpha(people, image_end - txt, device)
     if q_len > image_end:
-        w[:, image_end:shared_end] = 0.0 if people.spec.routing.mode == MODE_REGION else 1.0
+        routed = people.spec.routing.mode == MODE_REGION
+        w[:, image_end:] = 0.0 if routed else strengths
         for p, (start, stop) in enumerate(ranges):
-            if people.spec.routing.mode == MODE_REGION:
-                w[:, start:stop, p] = 1.0
-            else:
-                w[:, start:stop] = 1.0
+            w[:, start:stop, p] = 1.0
     log_w = torch.log(w * on)
     people.log_weights[key] = log_w
     return log_w

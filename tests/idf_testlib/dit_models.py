@@ -10,6 +10,8 @@ import torch
 from .host import boot
 from .models import init_weights
 
+#: The first ComfyUI with the DiT hooks (see models/dit/host.py); written out here, the tests import no pack code for it.
+DIT_MIN_VERSION = (0, 17, 0)
 CONTEXT = 32            # text width of the tiny in-process models
 POOLED = 32             # pooled text width (Flux.1's vector_in)
 
