@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Regenerate the example workflows in workflows/ from the real host's /object_info.
 
-    .host/venv/bin/python tools/make_workflows.py
+    .host/0.3.75/venv/bin/python tools/make_workflows.py [graph ...]
+    IDFUSION_HOST_NAME=0.33.0 .host/0.33.0/venv/bin/python tools/make_workflows.py flux2_klein_two_people ...
 
 Starts the test host (tests/idf_testlib/server.py), lays every graph out with the node
 definitions the host reports (so widget order and sockets always match the code), and writes
-``workflows/<name>.json`` in the frontend's format. Each workflow is run end to end by
-tests/e2e/test_workflows.py and opened in the browser by tests/browser/test_frontend.py.
+``workflows/<name>.json`` in the frontend's format; graphs that need a newer ComfyUI
+(``idf_testlib.workflows.MIN_COMFYUI``: the DiT ones) are made only on a host that has it.
+Each workflow is run end to end by tests/e2e/test_workflows.py and opened in the browser by
+tests/browser/test_frontend.py.
 """
 from __future__ import annotations
 
@@ -17,10 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from idf_testlib.paths import comfy_version  # noqa: E402
 from idf_testlib.server import ComfyServer  # noqa: E402
-from idf_testlib.workflows import WORKFLOWS, Builder  # noqa: E402
+from idf_testlib.workflows import WORKFLOWS, Builder, needs_text, runs_on  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+FLUX2_KLEIN = "flux-2-klein-4b.safetensors"
+QWEN3_4B = "qwen_3_4b.safetensors"
+FLUX2_VAE = "flux2-vae.safetensors"
+FLUX1_DEV = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
 FLASHFACE = "flashface.ckpt"
 CONTROLNET = "control_v11p_sd15_openpose.pth"
 NEGATIVE = "blurry, lowres, bad anatomy, deformed face, watermark, text"
@@ -291,15 +302,82 @@ def consistentid_reference_attention(info) -> dict:
     model = g.add("IDFusionReferenceAttention", model=model["MODEL"], features=features, strength=0.6,
                   blocks="auto (FlashFace: decoder)")
     g.official_sampler(model["MODEL"], prompts[0], prompts[1], 512, 768, "consistentid_reference")
+
+
+def dit_loaders(g: Graph, unet: str, vae: str, **text_encoder):
+    """UNETLoader + the family's text-encoder loader (CLIPLoader or DualCLIPLoader) + VAELoader."""
+    g.model = g.add("UNETLoader", unet_name=unet, weight_dtype="default")
+    loader = "DualCLIPLoader" if "clip_name2" in text_encoder else "CLIPLoader"
+    g.clip = g.add(loader, **text_encoder)
+    g.vae = g.add("VAELoader", vae_name=vae)
+    g.analyzer = g.add("IDFusionFaceAnalysisLoader", pack="antelopev2", provider="auto", det_size=640)
+
+
+def dit_sample(g: Graph, model, positive, negative, latent, prefix: str, steps: int):
+    out = g.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent, seed=42,
+                steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    image = g.add("VAEDecode", samples=out["LATENT"], vae=g.vae[0])
+    g.add("SaveImage", images=image["IMAGE"], filename_prefix=f"IDFusion/{prefix}")
+
+
+def flux2_klein_two_people(info) -> dict:
+    g = Graph(info)
+    g.note("Two people in one picture with Flux.2 Klein (ComfyUI 0.17.0 or newer): each person's face crops "
+           "become native reference images, person A on the left and person B on the right. Image tokens in a "
+           "person's region attend only to that person's references (and the text); 'strength' sets how strongly "
+           "each person's references act (1 = as the model does natively).\n"
+           f"Models: models/diffusion_models/{FLUX2_KLEIN}, models/text_encoders/{QWEN3_4B}, models/vae/{FLUX2_VAE}, "
+           "models/insightface/models/antelopev2/. Works the same with Flux.2 dev, Flux Kontext (Flux.1 loaders) "
+           "and Qwen-Image-Edit; FluxKVCache may go before the IDFusion node.")
+    dit_loaders(g, FLUX2_KLEIN, FLUX2_VAE, clip_name=QWEN3_4B, type="flux2")
+    positive = g.add("CLIPTextEncode", title="Prompt", clip=g.clip[0],
+                     text="photo of two friends laughing side by side in a cafe, natural light")
+    negative = g.add("CLIPTextEncode", title="Negative prompt", clip=g.clip[0], text="")
+    a = g.identity(["idfusion_person_a_1.png"], "person A")
+    b = g.identity(["idfusion_person_b_1.png", "idfusion_person_b_2.png"], "person B")
+    masks = g.add("IDFusionMultiIDMasks", width=1024, height=768, count=2, source="columns (left to right)",
+                  overlap="earlier identity wins")
+    people = g.add("IDFusionDiTIdentityReferences", model=g.model[0], positive=positive[0], negative=negative[0],
+                   vae=g.vae[0], identity_1=a, strength_1=1.0, identity_2=b, strength_2=1.0, size=512, outside="all",
+                   identity_masks=masks["IDENTITY_MASKS"])
+    latent = g.add("EmptyFlux2LatentImage", width=1024, height=768, batch_size=1)
+    dit_sample(g, people["MODEL"], people["positive"], people["negative"], latent["LATENT"], "flux2_klein_two_people", 4)
+    return g.workflow()
+
+
+def flux1_dev_training_free(info) -> dict:
+    g = Graph(info)
+    g.note("Training-free reference attention on Flux.1-dev (ComfyUI 0.17.0 or newer), which takes no reference "
+           "images of its own: a reference pass of the face crops gives every block's reference keys/values, and "
+           "each block's attention becomes (1−λ)·Attn(self) + λ·Attn(self + references) for the image. "
+           "'reference_timestep: zero' runs the pass once per run and keeps it on the GPU (see docs/dit.md for "
+           "its memory); 'current' repeats it every step as FlashFace does.\n"
+           f"Models: models/diffusion_models/{FLUX1_DEV}, models/text_encoders/{CLIP_L} and {T5XXL}, models/vae/"
+           f"{FLUX_VAE}, models/insightface/models/antelopev2/. Chroma works the same.")
+    dit_loaders(g, FLUX1_DEV, FLUX_VAE, clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
+    prompt = g.add("CLIPTextEncode", title="Prompt", clip=g.clip[0],
+                   text="portrait photo of a woman as an astronaut, detailed, studio light")
+    positive = g.add("FluxGuidance", conditioning=prompt[0], guidance=3.5)
+    empty = g.add("CLIPTextEncode", title="Empty prompt", clip=g.clip[0], text="")
+    identity = g.identity(["idfusion_person_b_1.png", "idfusion_person_b_2.png"], "person B")
+    features = g.add("IDFusionDiTFaceFeatures", model=g.model[0], vae=g.vae[0], empty_prompt=empty[0],
+                     identity=identity, size=512, disk_cache=False)
+    model = g.add("IDFusionDiTReferenceAttention", model=g.model[0], features=features["FEATURES"], strength=0.85,
+                  blocks="all (double + single)", reference_timestep="zero (once per run)")
+    latent = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    dit_sample(g, model["MODEL"], positive[0], empty[0], latent["LATENT"], "flux1_dev_training_free", 20)
     return g.workflow()
 
 
 GRAPHS = [flashface_four_references, training_free_sd15, identity_mixing, fused_kv_three_references, two_person_masks,
           pose_driven_personalization, consistentid_one_person, consistentid_two_people,
-          consistentid_reference_attention]
+          consistentid_reference_attention, flux2_klein_two_people, flux1_dev_training_free]
 
 
 def main() -> None:
+    """Every graph the host can run (``MIN_COMFYUI``), or only those named on the command line."""
+    wanted = set(sys.argv[1:])
+    version = comfy_version()
     with tempfile.TemporaryDirectory() as tmp:
         server = ComfyServer(Path(tmp), name="make-workflows").start()
         try:
@@ -308,7 +386,13 @@ def main() -> None:
             server.stop()
     WORKFLOWS.mkdir(exist_ok=True)
     for graph in GRAPHS:
-        path = WORKFLOWS / f"{graph.__name__}.json"
+        name = f"{graph.__name__}.json"
+        if wanted and graph.__name__ not in wanted:
+            continue
+        if not runs_on(name, version):
+            print(f"skipped {name}: needs {needs_text(name)} (run with a newer host: IDFUSION_HOST_NAME=0.33.0)")
+            continue
+        path = WORKFLOWS / name
         path.write_text(json.dumps(graph(info), indent=1) + "\n")
         print(f"wrote {path}")
 

@@ -44,8 +44,6 @@ def prepared(server, sd15_checkpoint):
     return overrides
 
 
-
-
 @pytest.fixture(scope="session")
 def consistentid_models(server, host):
     """Full-size ConsistentID files under their release names: ConsistentID-v1.bin (official keys and
@@ -56,3 +54,21 @@ def consistentid_models(server, host):
     cf.clip_vision_h()
     cf.parsing_weights()
     faces.insightface_pack("buffalo_l")
+
+
+@pytest.fixture(scope="session")
+def dit_prepared(server, prepared):
+    """For the DiT workflows: the random-weight DiT files in place; returns the prompt maker
+    ``(workflow, object_info) → API prompt`` with their file names and CLIP-L in place of the text
+    encoders this machine cannot build (see ``dit_fixtures``)."""
+    from idf_testlib import dit_fixtures
+    dit_fixtures.all_files()
+
+    def overrides(node_type, name, value):
+        found = dit_fixtures.file_overrides(name, value)
+        return prepared(node_type, name, value) if found is None else found
+
+    def prompt(workflow: dict, info: dict) -> dict:
+        from idf_testlib.workflows import to_api
+        return dit_fixtures.stand_in_text_encoders(to_api(workflow, info, overrides))
+    return prompt
