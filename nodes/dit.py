@@ -4,6 +4,7 @@ attention with its features. They work through the host's DiT attention hooks (C
 0.17.0 or newer) and refuse on older hosts."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import comfy.patcher_extension
@@ -39,15 +40,14 @@ def require_dit(node: str, model):
 
 
 DIT_KIND = "dit"
-_DIT_NET = []
 
 
+@functools.cache
 def dit_reference_net():
-    """The one REFERENCE_NET of DiT features: the sampled DiT encodes its own references."""
+    """The one REFERENCE_NET of DiT features: the sampled DiT encodes its own references (its
+    weights are read at call time), so features of several people combine."""
     from ..models.references import ReferenceNet
-    if not _DIT_NET:
-        _DIT_NET.append(ReferenceNet(DIT_KIND, "the sampled DiT (training-free)"))
-    return _DIT_NET[0]
+    return ReferenceNet(DIT_KIND, "the sampled DiT (training-free)")
 
 
 def encode_crops(node: str, model, vae, crops: torch.Tensor, size: int) -> torch.Tensor:
