@@ -451,7 +451,7 @@ DIT_TEXT = 512                      # Flux's T5 tokens
 DIT_ROWS = {
     "dit_none": "no references, batch 1 (s)",
     "dit_native": "native references (× no references)",
-    "dit_people": "people by strength, no masks (× native references)",
+    "dit_people": "people at strength 1.5, no masks (× native references)",
     "dit_routed": "people routed by region (× native references; target ≤ 1.10)",
     "dit_tf_cached": "training-free reference attention, cached (× no references; target ≤ 1.15 for 1 reference)",
     "dit_tf_cold": "training-free reference attention, cold (× no references)",
@@ -505,7 +505,8 @@ def dit_call(patcher, inputs: DitInputs) -> torch.Tensor:
 
 def people_model(model, people: int, size: int, routed: bool):
     """IDFusion DiT Identity References' patch for ``people`` persons of one reference image each:
-    strengths 1 (unmasked), or each person in one vertical strip of the picture."""
+    unmasked at strength 1.5 (at 1 everywhere the host's own attention runs), or each person in
+    one vertical strip of the picture at strength 1."""
     from IDFusion.models.dit.engine import PeopleSpec
     from IDFusion.models.dit.families import dit_blocks, family_of
     from IDFusion.models.engine import MODE_MIX, MODE_REGION, Routing
@@ -515,7 +516,9 @@ def people_model(model, people: int, size: int, routed: bool):
     masks = column_masks(people + 1 if people == 1 else people, size, size)[:people]
     routing = Routing(MODE_REGION, masks, "all") if routed else Routing(MODE_MIX)
     blocks = frozenset(dit_blocks(m.model.diffusion_model, family_of(m.model)))
-    install(m, current_plan(m).with_people(PeopleSpec("benchmark", 0, (1,) * people, (1.0,) * people, routing, blocks)))
+    strength = 1.0 if routed else 1.5
+    install(m, current_plan(m).with_people(PeopleSpec("benchmark", 0, (1,) * people, (strength,) * people, routing,
+                                                      blocks)))
     return m
 
 

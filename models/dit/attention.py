@@ -108,6 +108,12 @@ def people_log_weights(people: PeopleCall, layout: BlockLayout, q_len: int, imag
     return log_w
 
 
+def _acts(people: PeopleCall) -> bool:
+    """False when every weight is 1 (unrouted, strengths 1, every row): the native attention itself."""
+    unrouted = people.spec.routing.mode != MODE_REGION
+    return not (unrouted and all(s == 1.0 for s in people.spec.strengths) and bool((people.row_on == 1).all()))
+
+
 def routed_attention(q, k, v, heads: int, mask, layout: BlockLayout, people: PeopleCall,
                      image_end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """People's references under their log-weights (``attention.groups``): ``(out [B, Lq, H·D], lse [B, H, Lq])``."""
@@ -178,7 +184,7 @@ def block_attention(call: DitCall, layout: BlockLayout, q, k, v, heads: int, mas
     if image_end <= txt or q_len not in (k_len, image_end) or k.shape[2] != v.shape[2]:
         return None
     people = call.people
-    if people is not None and not (layout.ref_tokens and layout.block in people.spec.blocks):
+    if people is not None and not (layout.ref_tokens and layout.block in people.spec.blocks and _acts(people)):
         people = None
     calls = [c for c in call.references if layout.block in c.spec.blocks]
     if people is None and not calls:

@@ -48,7 +48,7 @@ def test_quick_benchmark_prints_the_table(tmp_path):
 DIT_ROW_LABELS = (
     "no references, batch 1 (s)",
     "native references (× no references)",
-    "people by strength, no masks (× native references)",
+    "people at strength 1.5, no masks (× native references)",
     "people routed by region (× native references; target ≤ 1.10)",
     "training-free reference attention, cached (× no references; target ≤ 1.15 for 1 reference)",
     "training-free reference attention, cold (× no references)",
