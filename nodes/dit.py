@@ -105,13 +105,16 @@ class DiTFaceFeatures(io.ComfyNode):
                         "Chroma, Qwen-Image). During sampling the DiT runs a reference pass over them and keeps every "
                         "block's reference keys/values, cached by content. Needs ComfyUI 0.17.0 or newer.",
             inputs=[
-                io.Model.Input("model", tooltip="The DiT you sample with (its latent format and weights encode the references)."),
+                io.Model.Input("model", tooltip="The DiT you sample with (its latent format and weights encode the "
+                                                "references)."),
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the reference crops to clean latents."),
                 io.Conditioning.Input("empty_prompt",
-                                      tooltip="The empty prompt through the model's text encoder (CLIP Text Encode with "
-                                              "no text): the context the reference pass runs with, as in FlashFace."),
+                                      tooltip="The empty prompt through the model's text encoder (CLIP Text "
+                                              "Encode with no text): the context the reference pass runs with, "
+                                              "as in FlashFace."),
                 io.Image.Input("images", optional=True, tooltip="Face crops of ONE person (1–N). Or use 'identity'."),
-                types.Identity.Input("identity", optional=True, tooltip="An identity from 'IDFusion Identity' (instead of 'images')."),
+                types.Identity.Input("identity", optional=True,
+                                     tooltip="An identity from 'IDFusion Identity' (instead of 'images')."),
                 io.Int.Input("size", default=512, min=64, max=2048, step=16,
                              tooltip="Reference crop size in pixels (square, padded black). 512 gives 1024 tokens "
                                      "per reference on Flux; keys/values grow with it (see docs/dit.md)."),
@@ -133,7 +136,8 @@ class DiTFaceFeatures(io.ComfyNode):
         crops, label = _crops(images, identity)
         latents = model.model.process_latent_in(encode_crops(FEATURES_NODE, model, vae, crops, size))
         context, pooled = _empty_prompt(empty_prompt)
-        ident = ReferenceIdentity(label, latents.cpu(), context, pooled, DiskCache(disk_cache_folder()) if disk_cache else None)
+        disk = DiskCache(disk_cache_folder()) if disk_cache else None
+        ident = ReferenceIdentity(label, latents.cpu(), context, pooled, disk)
         logger.info("IDFusion: %d DiT reference crop(s) of '%s' encoded at %d px", ident.count, label, size)
         return io.NodeOutput(ReferenceFeatures(dit_reference_net(), (ident,), (1.0,)))
 
@@ -173,9 +177,11 @@ class DiTReferenceAttention(io.ComfyNode):
                         "references' keys/values from a reference pass of their clean latents. Needs ComfyUI 0.17.0+.",
             inputs=[
                 io.Model.Input("model", tooltip="The DiT to patch (a clone is returned)."),
-                types.ReferenceFeatures.Input("features", tooltip="From 'IDFusion DiT Face Features' or 'IDFusion Combine Identities'."),
+                types.ReferenceFeatures.Input("features", tooltip="From 'IDFusion DiT Face Features' or 'IDFusion "
+                                                                  "Combine Identities'."),
                 io.Float.Input("strength", default=0.85, min=0.0, max=2.0, step=0.01,
-                               tooltip="λ: how much of the attention blends in the references (FlashFace: 0.75–1). 0 = off."),
+                               tooltip="λ: how much of the attention blends in the references (FlashFace: "
+                                       "0.75–1). 0 = off."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Sampling progress at which the references start."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
@@ -189,7 +195,8 @@ class DiTReferenceAttention(io.ComfyNode):
                                tooltip="Several identities: mix them by weight, one per batch item, or one per region "
                                        "(needs identity_masks)."),
                 io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
-                               tooltip="By region: image tokens outside every region attend to all identities (mixed) or none."),
+                               tooltip="By region: image tokens outside every region attend to all identities "
+                                       "(mixed) or none."),
                 types.IdentityMasks.Input("identity_masks", optional=True,
                                           tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
             ],
@@ -247,7 +254,8 @@ class DiTIdentityReferences(io.ComfyNode):
                 io.Int.Input("size", default=512, min=64, max=2048, step=16,
                              tooltip="Reference image size in pixels (each crop padded to a black square)."),
                 io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
-                               tooltip="With masks: image tokens outside every region see every person's references, or none."),
+                               tooltip="With masks: image tokens outside every region see every person's "
+                                       "references, or none."),
                 types.IdentityMasks.Input("identity_masks", optional=True,
                                           tooltip="One region per person, in person order, from 'IDFusion Multi-ID "
                                                   "Masks'. Without masks every token sees every person."),
@@ -283,8 +291,9 @@ class DiTIdentityReferences(io.ComfyNode):
         m = model.clone()
         if current_plan(m).people is not None:
             raise ValueError(f"{PEOPLE_NODE}: 'model' already went through this node; use one node for all people")
+        blocks = frozenset(dit_blocks(m.model.diffusion_model, family))
         spec = PeopleSpec(PEOPLE_NODE, shared, tuple(int(lat.shape[0]) for lat in latents),
-                          tuple(float(s) for _, s in given), routing, frozenset(dit_blocks(m.model.diffusion_model, family)))
+                          tuple(float(s) for _, s in given), routing, blocks)
         install(m, current_plan(m).with_people(spec))
         add = {"reference_latents": refs}
         return io.NodeOutput(m, node_helpers.conditioning_set_values(positive, add, append=True),

@@ -488,7 +488,8 @@ def dit_inputs(model, latent: int, refs: int, device, dtype, text: int) -> DitIn
     dm = model.model.diffusion_model
     g = E.gen(3)
     x = torch.randn(1, 16, latent, latent, generator=g).to(device=device, dtype=dtype)
-    kwargs = dict(c_crossattn=torch.randn(1, text, dm.params.context_in_dim, generator=g).to(device=device, dtype=dtype),
+    context = torch.randn(1, text, dm.params.context_in_dim, generator=g)
+    kwargs = dict(c_crossattn=context.to(device=device, dtype=dtype),
                   y=torch.randn(1, dm.params.vec_in_dim, generator=g).to(device=device, dtype=dtype),
                   guidance=torch.full((1,), 3.5, device=device))
     if refs:
@@ -599,7 +600,8 @@ def dit_main(args, device: torch.device, dtype: torch.dtype, start: float) -> in
         raise SystemExit("--dit needs a ComfyUI with the DiT hooks (0.17.0 or newer): run it with the 0.33 host")
     text = 16 if args.quick else DIT_TEXT
     model = build_dit(args.quick, device, dtype)
-    log(f"{'tiny' if args.quick else 'Flux-width'} DiT built in {time.monotonic() - start:.1f} s on {device_words(device)}")
+    log(f"{'tiny' if args.quick else 'Flux-width'} DiT built in {time.monotonic() - start:.1f} s on "
+        f"{device_words(device)}")
     size = args.sizes[0]
     cases = dit_cases(model, size, device, dtype, text)
     timed_call(cases[0].run, device)                                             # process warm-up

@@ -341,7 +341,8 @@ def flux2_klein_two_people(info) -> dict:
                    vae=g.vae[0], identity_1=a, strength_1=1.0, identity_2=b, strength_2=1.0, size=512, outside="all",
                    identity_masks=masks["IDENTITY_MASKS"])
     latent = g.add("EmptyFlux2LatentImage", width=1024, height=768, batch_size=1)
-    dit_sample(g, people["MODEL"], people["positive"], people["negative"], latent["LATENT"], "flux2_klein_two_people", 4)
+    dit_sample(g, people["MODEL"], people["positive"], people["negative"], latent["LATENT"], "flux2_klein_two_people",
+               steps=4)
     return g.workflow()
 
 

@@ -120,7 +120,8 @@ def routed_attention(q, k, v, heads: int, mask, layout: BlockLayout, people: Peo
     q_len = q.shape[2]
     shared_end, ranges = _person_ranges(layout, people, image_end)
     log_w = people_log_weights(people, layout, q_len, image_end, ranges, shared_end, q.device)
-    out0, lse0 = attention_lse_heads(q, k[:, :, :shared_end], v[:, :, :shared_end], _mask_part(mask, None, 0, shared_end))
+    out0, lse0 = attention_lse_heads(q, k[:, :, :shared_end], v[:, :, :shared_end],
+                                     _mask_part(mask, None, 0, shared_end))
     groups = []
     for p, (start, stop) in enumerate(ranges):
         lw = log_w[:, :, p]
@@ -129,7 +130,8 @@ def routed_attention(q, k, v, heads: int, mask, layout: BlockLayout, people: Peo
             continue
         rows = None if bool(seen.all()) else seen.nonzero().squeeze(1)
         qr = q if rows is None else q.index_select(2, rows)
-        out, lse = attention_lse_heads(qr, k[:, :, start:stop], v[:, :, start:stop], _mask_part(mask, rows, start, stop))
+        out, lse = attention_lse_heads(qr, k[:, :, start:stop], v[:, :, start:stop],
+                                       _mask_part(mask, rows, start, stop))
         groups.append(Group(rows, _merge_heads(out), lse, lw if rows is None else lw.index_select(1, rows)))
     return merge_groups(_merge_heads(out0), lse0, groups, heads)
 
@@ -145,7 +147,8 @@ def _identity_part(q_img, k_ref, v_ref, used, o_img, heads):
                                        v_ref.expand(q_img.shape[0], -1, -1, -1))
         return _merge_heads(out), lse
     rows = used.nonzero().squeeze(1)
-    out, lse = attention_lse_heads(q_img[rows], k_ref.expand(len(rows), -1, -1, -1), v_ref.expand(len(rows), -1, -1, -1))
+    n = len(rows)
+    out, lse = attention_lse_heads(q_img[rows], k_ref.expand(n, -1, -1, -1), v_ref.expand(n, -1, -1, -1))
     o_i = o_img.clone()
     o_i[rows] = _merge_heads(out).to(o_i.dtype)
     lse_i = torch.full((q_img.shape[0],) + tuple(lse.shape[1:]), float("-inf"), device=lse.device, dtype=lse.dtype)

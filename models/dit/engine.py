@@ -164,7 +164,8 @@ def identity_features(base_model, ident: ReferenceIdentity, sigma: float, guidan
             FEATURE_CACHE.put(key, entry)
     if entry is None:
         FEATURE_CACHE.count("misses")
-        fresh = reference_pass(base_model, family, ident.latents, sigma, ident.context, ident.y, guidance, needed, device)
+        fresh = reference_pass(base_model, family, ident.latents, sigma, ident.context, ident.y, guidance, needed,
+                               device)
         FEATURE_CACHE.count("reference_passes")
         entry = {k: t.detach().to("cpu", copy=True) for k, t in fresh.items()}
         FEATURE_CACHE.put(key, entry)
@@ -247,7 +248,8 @@ def prepare_call(base_model, plan: DitPlan, x: torch.Tensor, sigma: torch.Tensor
 
 # --- wrappers ---------------------------------------------------------------------------------
 
-def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                        **kwargs):
     """``WrappersMP.APPLY_MODEL`` wrapper of every DiT patch (key "idfusion_dit")."""
     from .attention import RoutedAttention
 

@@ -32,8 +32,8 @@ def _blocks_call_the_hooks() -> bool:
     from comfy.ldm.flux import layers
     from comfy.ldm.qwen_image import model as qwen
     try:
-        sources = [inspect.getsource(layers.DoubleStreamBlock.forward), inspect.getsource(layers.SingleStreamBlock.forward),
-                   inspect.getsource(qwen.Attention.forward)]
+        sources = [inspect.getsource(f) for f in (layers.DoubleStreamBlock.forward, layers.SingleStreamBlock.forward,
+                                                   qwen.Attention.forward)]
     except (OSError, TypeError):
         return True                      # no source to read (a frozen install): the version decides
     return all("attn1_patch" in s for s in sources)

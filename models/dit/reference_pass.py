@@ -75,7 +75,8 @@ def reference_pass(base_model, family: Family, latents: torch.Tensor, sigma: flo
         x = x.unsqueeze(0).to(device=device, dtype=torch.float32)
         ids = reference_ids(dm, family, x, index, h_offset, w_offset).to(device)
         collector = _Collector(dm.pe_embedder(ids), wanted)
-        conds = _conds(base_model, x, context.to(device), None if pooled is None else pooled.to(device), guidance, device)
+        conds = _conds(base_model, x, context.to(device), None if pooled is None else pooled.to(device), guidance,
+                       device)
         c_crossattn = conds.pop("c_crossattn")
         c_concat = conds.pop("c_concat", None)
         options = {"patches": {"attn1_patch": [collector]}}

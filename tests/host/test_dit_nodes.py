@@ -126,7 +126,7 @@ def test_reference_attention_errors(sd15, flux_vae):
 def test_the_unet_nodes_refuse_dit_features(sd15, flux_vae):
     from IDFusion.nodes.reference import ReferenceAttention
     feats = dit_features(D.tiny_dit("flux"), flux_vae, images=crops(1))
-    with pytest.raises(ValueError, match="IDFusionReferenceAttention: 'features' come from 'IDFusion DiT Face Features'"):
+    with pytest.raises(ValueError, match="IDFusionReferenceAttention: 'features' come from 'IDFusion DiT Face"):
         ReferenceAttention.execute(sd15, feats, 0.8, 0.0, 1.0, "auto (FlashFace: decoder)", "mix (weights)", "all")
 
 

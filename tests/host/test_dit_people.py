@@ -53,7 +53,8 @@ def people(model, counts, strengths, masks=None, outside="all", shared=0):
     m = model.clone()
     routing = Routing(MODE_MIX) if masks is None else Routing(MODE_REGION, masks, outside)
     blocks = frozenset(dit_blocks(m.model.diffusion_model, family_of(m.model)))
-    install(m, current_plan(m).with_people(PeopleSpec("test", shared, tuple(counts), tuple(strengths), routing, blocks)))
+    spec = PeopleSpec("test", shared, tuple(counts), tuple(strengths), routing, blocks)
+    install(m, current_plan(m).with_people(spec))
     return m
 
 

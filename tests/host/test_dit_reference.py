@@ -104,7 +104,8 @@ def native_reference_pe(model, ref):
         seen.setdefault("pe", pe[:, :, pe.shape[2] - sum(extra_options["reference_image_num_tokens"]):])
         return {}
     x = D.latent(model, SIZE, SIZE, seed=0)
-    D.apply(model, x, D.with_references(cond(model), [ref]), transformer_options={"patches": {"attn1_patch": [capture]}})
+    D.apply(model, x, D.with_references(cond(model), [ref]),
+            transformer_options={"patches": {"attn1_patch": [capture]}})
     return seen["pe"]
 
 

@@ -77,7 +77,8 @@ def _vae(z_channels: int, batch_norm: bool, seed: int) -> dict:
         vae = ae.AutoencoderKL(ddconfig={**ddconfig, "batch_norm_latent": True}, embed_dim=z_channels)
     else:                # Flux.1 (ae.safetensors): encoder and decoder only
         target = "comfy.ldm.modules.diffusionmodules.model."
-        vae = ae.AutoencodingEngine(regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        regularizer = {"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"}
+        vae = ae.AutoencodingEngine(regularizer_config=regularizer,
                                     encoder_config={"target": target + "Encoder", "params": ddconfig},
                                     decoder_config={"target": target + "Decoder", "params": ddconfig})
     init_weights(vae, seed)

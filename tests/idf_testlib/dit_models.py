@@ -10,7 +10,7 @@ import torch
 from .host import boot
 from .models import init_weights
 
-#: The first ComfyUI with the DiT hooks (see models/dit/host.py); written out here, the tests import no pack code for it.
+#: The first ComfyUI with the DiT hooks (see models/dit/host.py), written out: no pack code needed.
 DIT_MIN_VERSION = (0, 17, 0)
 CONTEXT = 32            # text width of the tiny in-process models
 POOLED = 32             # pooled text width (Flux.1's vector_in)
@@ -49,7 +49,8 @@ def tiny_dit(name: str, seed: int = 0, **overrides):
     model = _model_config(name, overrides).get_model({})
     init_weights(model.diffusion_model, seed)
     model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def gen(seed: int) -> torch.Generator:
