@@ -149,7 +149,7 @@ class CombineIdentities(io.ComfyNode):
 def build_routing(node: str, features, identity_mode, identity_masks, outside, region=None, dit=False):
     from ..models.engine import MODE_REGION, Routing
 
-    if features.refnet.kind == "dit" and not dit:
+    if getattr(getattr(features, "refnet", None), "kind", None) == "dit" and not dit:
         raise ValueError(f"{node}: 'features' come from 'IDFusion DiT Face Features' (for DiTs); for this UNet "
                          f"encode them with 'IDFusion Face Features'")
     if identity_mode == MODE_REGION:

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .host/venv/bin/python tools/benchmark.py           # CPU: 512 px, 1/2/4 references
     .host/venv/bin/python tools/benchmark.py --device cuda                # GPU: 512 and 768 px, fp16
     .host/venv/bin/python tools/benchmark.py --quick                      # tiny UNet: a smoke check, seconds
-    OMP_NUM_THREADS=1 .host/0.33.0/venv/bin/python tools/benchmark.py --dit  # DiTs (ComfyUI 0.17.0+): Flux width
+    OMP_NUM_THREADS=1 .host/0.33.0/venv/bin/python tools/benchmark.py --only dit  # DiTs (0.17.0+)
 
 The model is a full-size SD1.5 UNet with random weights, built in memory with ComfyUI's own
 classes (fp32 on the CPU, fp16 on CUDA); references are random 28×28 latents (224 px crops)
@@ -14,7 +14,7 @@ of the real patched MODEL at batch 2 (two guidance branches, ``cond_or_uncond`` 
 interleaved round by round, so a change of machine load reaches all of them alike; each
 figure is the median of ``--repeats`` rounds. See docs/benchmark.md for how to read the table.
 
-``--dit`` measures the DiT nodes instead, on a Flux.1 (Kontext) of the real width with fewer
+``--only dit`` measures the DiT nodes instead, on a Flux.1 (Kontext) of the real width with fewer
 blocks (every block is patched, so the ratios are per block): routing people's native
 references against the same call with native references, and training-free reference
 attention against the call without references (section "DiT" below).
@@ -597,7 +597,7 @@ def dit_table(size: int, by: dict, reference_bytes: tuple[float, float]) -> str:
 def dit_main(args, device: torch.device, dtype: torch.dtype, start: float) -> int:
     from IDFusion.models.dit.host import hooks_available
     if not hooks_available():
-        raise SystemExit("--dit needs a ComfyUI with the DiT hooks (0.17.0 or newer): run it with the 0.33 host")
+        raise SystemExit("--only dit needs a ComfyUI with the DiT hooks (0.17.0 or newer): run it with the 0.33 host")
     text = 16 if args.quick else DIT_TEXT
     model = build_dit(args.quick, device, dtype)
     log(f"{'tiny' if args.quick else 'Flux-width'} DiT built in {time.monotonic() - start:.1f} s on "
@@ -714,11 +714,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "torch runs one thread; robust to other processes on a shared machine). auto: cpu on the CPU "
                         "with one torch thread, else wall")
     p.add_argument("--quick", action="store_true", help="tiny UNet, 64 px, one round: a smoke check, not a measurement")
-    p.add_argument("--only", choices=("all", "consistentid"), default="all",
-                   help="consistentid: only the unpatched and ConsistentID cases and its encoding (default all)")
-    p.add_argument("--dit", action="store_true",
-                   help="the DiT nodes on a Flux.1 of the real width with fewer blocks (needs ComfyUI 0.17.0+; "
-                        "default size 512 px on the CPU, 1024 on CUDA)")
+    p.add_argument("--only", choices=("all", "consistentid", "dit"), default="all",
+                   help="consistentid: only the unpatched and ConsistentID cases and its encoding; dit: the DiT "
+                        "nodes on a Flux.1 of the real width with fewer blocks (needs ComfyUI 0.17.0+; default size "
+                        "512 px on the CPU, 1024 on CUDA). Default all (the UNet cases)")
     p.add_argument("--out", type=Path, help="markdown file to write (default: test-artifacts/benchmark-<device>.md)")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -727,7 +726,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA device")
     cuda = args.device == "cuda"
     if args.sizes is None:
-        args.sizes = [64] if args.quick else ([1024] if args.dit and cuda else ([512, 768] if cuda else [512]))
+        full = [1024] if args.only == "dit" else [512, 768]
+        args.sizes = [64] if args.quick else (full if cuda else [512])
     if any(s % 64 for s in args.sizes):
         p.error(f"--sizes must be multiples of 64 px, got {args.sizes}")
     if any(n < 1 for n in args.refs):
@@ -746,7 +746,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.steps = min(args.steps, 2)
     if args.out is None:
-        kind = "-dit" if args.dit else ""
+        kind = "-dit" if args.only == "dit" else ""
         args.out = ARTIFACTS / f"benchmark{kind}-{args.device}{'-quick' if args.quick else ''}.md"
     return args
 
@@ -772,7 +772,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.monotonic()
-    if args.dit:
+    if args.only == "dit":
         return dit_main(args, device, torch.bfloat16 if device.type == "cuda" else dtype, start)
     model, width = build_model(args.quick, device, dtype)
     log(f"{'tiny' if args.quick else 'full-size'} SD1.5 UNet built in {time.monotonic() - start:.1f} s on "

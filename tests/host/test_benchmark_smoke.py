@@ -57,12 +57,13 @@ DIT_ROW_LABELS = (
 
 
 def test_quick_dit_benchmark_prints_the_table(tmp_path, dit_host):
-    """--dit --quick: every DiT case runs (cold calls one pass per identity, cached none: checked by
+    """--only dit --quick: every DiT case runs (cold calls one pass per identity, cached none: checked by
     the script), and the table has its rows."""
     out = tmp_path / "benchmark-dit.md"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--dit", "--quick", "--device", "cpu",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--only", "dit", "--quick",
+                           "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert lines[0] == "| measure | size | 1 person | 2 people |"
