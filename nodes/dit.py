@@ -13,7 +13,7 @@ from .api import io
 
 from . import types
 from .reference import OUTSIDE_CHOICES, build_routing, disk_cache_folder
-from .unet_blocks import get_option, set_option
+from .unet_blocks import get_option, set_option, set_outer_sample_wrapper
 
 logger = logging.getLogger("IDFusion")
 
@@ -71,10 +71,9 @@ def install(m, plan) -> None:
     patches = m.model_options.get("transformer_options", {}).get("patches", {})
     if not any(isinstance(p, LayoutRecorder) for p in patches.get("attn1_patch", [])):
         m.set_model_attn1_patch(LayoutRecorder())
-    for kind, fn in ((comfy.patcher_extension.WrappersMP.APPLY_MODEL, apply_model_wrapper),
-                     (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run_scope_wrapper)):
-        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
-        m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    set_outer_sample_wrapper(m, WRAPPER_KEY, run_scope_wrapper)
 
 
 def current_plan(m):
