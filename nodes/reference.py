@@ -147,9 +147,12 @@ class CombineIdentities(io.ComfyNode):
         return io.NodeOutput(ReferenceFeatures(refnet, tuple(identities), tuple(weights)))
 
 
-def build_routing(node: str, features, identity_mode, identity_masks, outside, region=None):
+def build_routing(node: str, features, identity_mode, identity_masks, outside, region=None, dit=False):
     from ..models.engine import MODE_REGION, Routing
 
+    if getattr(getattr(features, "refnet", None), "kind", None) == "dit" and not dit:
+        raise ValueError(f"{node}: 'features' come from 'IDFusion DiT Face Features' (for DiTs); for this UNet "
+                         f"encode them with 'IDFusion Face Features'")
     if identity_mode == MODE_REGION:
         if identity_masks is None:
             raise ValueError(f"{node}: identity_mode is '{MODE_REGION}' but 'identity_masks' is not connected; "

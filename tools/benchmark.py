@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 .host/venv/bin/python tools/benchmark.py           # CPU: 512 px, 1/2/4 references
     .host/venv/bin/python tools/benchmark.py --device cuda                # GPU: 512 and 768 px, fp16
     .host/venv/bin/python tools/benchmark.py --quick                      # tiny UNet: a smoke check, seconds
+    OMP_NUM_THREADS=1 .host/0.33.0/venv/bin/python tools/benchmark.py --only dit  # DiTs (0.17.0+)
 
 The model is a full-size SD1.5 UNet with random weights, built in memory with ComfyUI's own
 classes (fp32 on the CPU, fp16 on CUDA); references are random 28×28 latents (224 px crops)
@@ -12,6 +13,11 @@ of the real patched MODEL at batch 2 (two guidance branches, ``cond_or_uncond`` 
 ``calc_cond_batch`` makes it), divided by the same call of the unpatched MODEL. Cases are
 interleaved round by round, so a change of machine load reaches all of them alike; each
 figure is the median of ``--repeats`` rounds. See docs/benchmark.md for how to read the table.
+
+``--only dit`` measures the DiT nodes instead, on a Flux.1 (Kontext) of the real width with fewer
+blocks (every block is patched, so the ratios are per block): routing people's native
+references against the same call with native references, and training-free reference
+attention against the call without references (section "DiT" below).
 """
 from __future__ import annotations
 
@@ -434,6 +440,190 @@ def sampling_passes(patched, width: int, size: int, steps: int) -> tuple[int, in
     return counts[0], counts[1]
 
 
+# --- DiT -----------------------------------------------------------------------------------------------
+
+#: Flux.1 (dev / Kontext) at its real width: 3072 wide, 24 heads of 128, MLP ×4, T5 text 4096 wide;
+#: one double and two single blocks (the full model has 19 and 38).
+DIT_WIDTH = dict(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], context_in_dim=4096, vec_in_dim=768,
+                 depth=1, depth_single_blocks=2)
+DIT_FULL_BLOCKS = 19 + 38
+DIT_TEXT = 512                      # Flux's T5 tokens
+DIT_ROWS = {
+    "dit_none": "no references, batch 1 (s)",
+    "dit_native": "native references (× no references)",
+    "dit_people": "people at strength 1.5, no masks (× native references)",
+    "dit_routed": "people routed by region (× native references; target ≤ 1.10)",
+    "dit_tf_cached": "training-free reference attention, cached (× no references; target ≤ 1.15 for 1 reference)",
+    "dit_tf_cold": "training-free reference attention, cold (× no references)",
+    "dit_bytes": "reference keys/values per reference image per step, MiB: this model / Flux.1 (57 blocks, bf16)",
+}
+
+
+def build_dit(quick: bool, device: torch.device, dtype: torch.dtype):
+    """A ModelPatcher around a random Flux.1 of the real width (``DIT_WIDTH``), or the tests' tiny one."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    from idf_testlib import dit_models as D
+    config = comfy.supported_models.Flux({**D.FLUX_TINY, **({} if quick else DIT_WIDTH)})
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({})
+    M.init_weights(model.diffusion_model, seed=0)
+    model.diffusion_model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    if device.type == "cuda":
+        mm.load_models_gpu([patcher])
+    return patcher
+
+
+@dataclass
+class DitInputs:
+    x: torch.Tensor
+    sigma: torch.Tensor
+    kwargs: dict
+
+
+def dit_inputs(model, latent: int, refs: int, device, dtype, text: int) -> DitInputs:
+    """One image latent and ``refs`` reference latents of the same size, random text: batch 1."""
+    dm = model.model.diffusion_model
+    g = E.gen(3)
+    x = torch.randn(1, 16, latent, latent, generator=g).to(device=device, dtype=dtype)
+    context = torch.randn(1, text, dm.params.context_in_dim, generator=g)
+    kwargs = dict(c_crossattn=context.to(device=device, dtype=dtype),
+                  y=torch.randn(1, dm.params.vec_in_dim, generator=g).to(device=device, dtype=dtype),
+                  guidance=torch.full((1,), 3.5, device=device))
+    if refs:
+        kwargs["ref_latents"] = [torch.randn(1, 16, latent, latent, generator=g).to(device=device, dtype=dtype)
+                                 for _ in range(refs)]
+    return DitInputs(x, torch.full((1,), 0.5, device=device), kwargs)
+
+
+def dit_call(patcher, inputs: DitInputs) -> torch.Tensor:
+    options = call_options(patcher)
+    options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=inputs.sigma)
+    return patcher.model.apply_model(inputs.x, inputs.sigma, transformer_options=options, **inputs.kwargs)
+
+
+def people_model(model, people: int, size: int, routed: bool):
+    """IDFusion DiT Identity References' patch for ``people`` persons of one reference image each:
+    unmasked at strength 1.5 (at 1 everywhere the host's own attention runs), or each person in
+    one vertical strip of the picture at strength 1."""
+    from IDFusion.models.dit.engine import PeopleSpec
+    from IDFusion.models.dit.families import dit_blocks, family_of
+    from IDFusion.models.engine import MODE_MIX, MODE_REGION, Routing
+    from IDFusion.models.masks import column_masks
+    from IDFusion.nodes.dit import current_plan, install
+    m = model.clone()
+    masks = column_masks(people + 1 if people == 1 else people, size, size)[:people]
+    routing = Routing(MODE_REGION, masks, "all") if routed else Routing(MODE_MIX)
+    blocks = frozenset(dit_blocks(m.model.diffusion_model, family_of(m.model)))
+    strength = 1.0 if routed else 1.5
+    install(m, current_plan(m).with_people(PeopleSpec("benchmark", 0, (1,) * people, (strength,) * people, routing,
+                                                      blocks)))
+    return m
+
+
+def training_free_model(model, identities: int, latent: int, text: int):
+    """IDFusion DiT Reference Attention (all blocks, λ 0.85, timestep-zero references) with
+    ``identities`` identities of one reference image each, mixed."""
+    from IDFusion.models.references import ReferenceFeatures, ReferenceIdentity
+    from IDFusion.nodes.dit import BLOCKS_ALL, TIMESTEP_ZERO, DiTReferenceAttention, dit_reference_net
+    dm = model.model.diffusion_model
+    idents = tuple(ReferenceIdentity(f"id{i}", torch.randn(1, 16, latent, latent, generator=E.gen(40 + i)),
+                                     torch.randn(1, text, dm.params.context_in_dim, generator=E.gen(50 + i)),
+                                     torch.randn(1, dm.params.vec_in_dim, generator=E.gen(60 + i)))
+                   for i in range(identities))
+    features = ReferenceFeatures(dit_reference_net(), idents, (1.0,) * identities)
+    return DiTReferenceAttention.execute(model, features, STRENGTH, 0.0, 1.0, BLOCKS_ALL, TIMESTEP_ZERO,
+                                         MIX, "all").result[0]
+
+
+def dit_fill(patched, device) -> None:
+    """Put the training-free patch's reference keys/values (timestep zero, guidance 3.5 as in
+    ``dit_inputs``) in the cache, as the engine does at a call, without the call."""
+    from IDFusion.models.dit.engine import PLAN, identity_features
+    for spec in patched.model_options["transformer_options"][PLAN].references:
+        for ident in spec.features.identities:
+            identity_features(patched.model, ident, 0.0, 3.5, spec.needs(), device, None)
+
+
+def dit_cases(model, size: int, device, dtype, text: int) -> list[Case]:
+    from IDFusion.models.feature_cache import FEATURE_CACHE
+    latent = size // 8
+    plain = dit_inputs(model, latent, 0, device, dtype, text)
+    cases = [Case("dit_none", None, lambda: dit_call(model, plain))]
+    for people in (1, 2):
+        native = dit_inputs(model, latent, people, device, dtype, text)
+        unmasked, routed = people_model(model, people, size, False), people_model(model, people, size, True)
+        tf = training_free_model(model, people, latent, text)
+        cases += [
+            Case("dit_native", people, lambda x=native: dit_call(model, x)),
+            Case("dit_people", people, lambda m=unmasked, x=native: dit_call(m, x)),
+            Case("dit_routed", people, lambda m=routed, x=native: dit_call(m, x)),
+            Case("dit_tf_cached", people, lambda m=tf: dit_call(m, plain), setup=lambda m=tf: dit_fill(m, device)),
+            Case("dit_tf_cold", people, lambda m=tf: dit_call(m, plain), setup=FEATURE_CACHE.clear, passes=people),
+        ]
+    return cases
+
+
+def dit_reference_bytes(model, size: int, device, dtype, text: int) -> tuple[float, float]:
+    """Bytes of one reference image's keys/values over all blocks (one step): measured in the
+    cache for this model, and the same tokens at full Flux.1 (57 blocks, 3072 wide, bf16)."""
+    from IDFusion.models.feature_cache import FEATURE_CACHE
+    FEATURE_CACHE.clear()
+    dit_call(training_free_model(model, 1, size // 8, text), dit_inputs(model, size // 8, 0, device, dtype, text))
+    measured = FEATURE_CACHE.stats()["bytes"]
+    tokens = (size // 16) ** 2
+    return measured, 2 * tokens * 3072 * 2 * DIT_FULL_BLOCKS
+
+
+def dit_table(size: int, by: dict, reference_bytes: tuple[float, float]) -> str:
+    lines = ["| measure | size | 1 person | 2 people |", "|---|---|---|---|"]
+    t0 = by[("dit_none", None)].median
+
+    def row(key: str, cells: list[str]) -> None:
+        lines.append(f"| {DIT_ROWS[key]} | {size} px | " + " | ".join(cells) + " |")
+
+    row("dit_none", [f"{t0:.3f}"] * 2)
+    row("dit_native", [_ratio(by[("dit_native", p)].median / t0) for p in (1, 2)])
+    for key in ("dit_people", "dit_routed"):
+        row(key, [_ratio(by[(key, p)].median / by[("dit_native", p)].median) for p in (1, 2)])
+    for key in ("dit_tf_cached", "dit_tf_cold"):
+        row(key, [_ratio(by[(key, p)].median / t0) for p in (1, 2)])
+    row("dit_bytes", [f"{_mib(reference_bytes[0])} / {_mib(reference_bytes[1])}"] * 2)
+    return "\n".join(lines)
+
+
+def dit_main(args, device: torch.device, dtype: torch.dtype, start: float) -> int:
+    from IDFusion.models.dit.host import hooks_available
+    if not hooks_available():
+        raise SystemExit("--only dit needs a ComfyUI with the DiT hooks (0.17.0 or newer): run it with the 0.33 host")
+    text = 16 if args.quick else DIT_TEXT
+    model = build_dit(args.quick, device, dtype)
+    log(f"{'tiny' if args.quick else 'Flux-width'} DiT built in {time.monotonic() - start:.1f} s on "
+        f"{device_words(device)}")
+    size = args.sizes[0]
+    cases = dit_cases(model, size, device, dtype, text)
+    timed_call(cases[0].run, device)                                             # process warm-up
+    measure(cases, args.repeats, args.warmup, device, args.clock, f"DiT {size} px")
+    by = {(c.key, c.refs): c for c in cases}
+    reference_bytes = dit_reference_bytes(model, size, device, dtype, text)
+    table = dit_table(size, by, reference_bytes)
+    header = (f"# IDFusion DiT benchmark: {device_words(device)}\n\n"
+              f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
+              f"{'tiny' if args.quick else 'Flux.1 at its real width (3072, 24 heads), 1 double + 2 single blocks'}, "
+              f"random weights, {str(dtype).replace('torch.', '')}; host attention `{host_attention_name()}`; batch 1; "
+              f"{text} text tokens; image and each reference {size} px ({(size // 16) ** 2} tokens); one reference "
+              f"image per person; λ {STRENGTH}; median of {args.repeats} interleaved round(s), "
+              f"{'wall' if args.clock == 'wall' else 'CPU'} time.\n")
+    document = f"{header}\n{table}\n\n## Timings\n\n{raw_table([size], {size: by})}\n"
+    print(table, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(document)
+    log(f"written {args.out} ({time.monotonic() - start:.0f} s in all)")
+    return 0
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 def _ratio(value: float) -> str:
@@ -524,8 +714,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "torch runs one thread; robust to other processes on a shared machine). auto: cpu on the CPU "
                         "with one torch thread, else wall")
     p.add_argument("--quick", action="store_true", help="tiny UNet, 64 px, one round: a smoke check, not a measurement")
-    p.add_argument("--only", choices=("all", "consistentid"), default="all",
-                   help="consistentid: only the unpatched and ConsistentID cases and its encoding (default all)")
+    p.add_argument("--only", choices=("all", "consistentid", "dit"), default="all",
+                   help="consistentid: only the unpatched and ConsistentID cases and its encoding; dit: the DiT "
+                        "nodes on a Flux.1 of the real width with fewer blocks (needs ComfyUI 0.17.0+; default size "
+                        "512 px on the CPU, 1024 on CUDA). Default all (the UNet cases)")
     p.add_argument("--out", type=Path, help="markdown file to write (default: test-artifacts/benchmark-<device>.md)")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -534,7 +726,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA device")
     cuda = args.device == "cuda"
     if args.sizes is None:
-        args.sizes = [64] if args.quick else ([512, 768] if cuda else [512])
+        full = [1024] if args.only == "dit" else [512, 768]
+        args.sizes = [64] if args.quick else (full if cuda else [512])
     if any(s % 64 for s in args.sizes):
         p.error(f"--sizes must be multiples of 64 px, got {args.sizes}")
     if any(n < 1 for n in args.refs):
@@ -553,7 +746,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.steps = min(args.steps, 2)
     if args.out is None:
-        args.out = ARTIFACTS / f"benchmark-{args.device}{'-quick' if args.quick else ''}.md"
+        kind = "-dit" if args.only == "dit" else ""
+        args.out = ARTIFACTS / f"benchmark{kind}-{args.device}{'-quick' if args.quick else ''}.md"
     return args
 
 
@@ -578,6 +772,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.monotonic()
+    if args.only == "dit":
+        return dit_main(args, device, torch.bfloat16 if device.type == "cuda" else dtype, start)
     model, width = build_model(args.quick, device, dtype)
     log(f"{'tiny' if args.quick else 'full-size'} SD1.5 UNet built in {time.monotonic() - start:.1f} s on "
         f"{device_words(device)}, host attention {host_attention_name()}")

@@ -31,6 +31,13 @@ from idf_testlib import layout  # noqa: E402
 from idf_testlib.workflows import NOTE_TYPES, WORKFLOWS, Builder  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+FLUX2_KLEIN = "flux-2-klein-4b.safetensors"
+QWEN3_4B = "qwen_3_4b.safetensors"
+FLUX2_VAE = "flux2-vae.safetensors"
+FLUX1_DEV = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
 FLASHFACE = "flashface.ckpt"
 CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"
 NEGATIVE = "blurry, lowres, bad anatomy, deformed face, watermark, text"
@@ -400,9 +407,80 @@ def consistentid_reference_attention(info) -> dict:
     return g.workflow()
 
 
+class DiTGraph(Graph):
+    """A DiT's own loaders (UNETLoader, its text encoder loader, VAELoader) and face analysis."""
+
+    def dit(self, unet: str, vae: str, **text_encoder):
+        self.model = self.add("UNETLoader", unet_name=unet, weight_dtype="default")["MODEL"]
+        loader = "DualCLIPLoader" if "clip_name2" in text_encoder else "CLIPLoader"
+        self.clip = self.add(loader, **text_encoder)["CLIP"]
+        self.vae = self.add("VAELoader", vae_name=vae)["VAE"]
+        self.analyzer = self.add("IDFusionFaceAnalysisLoader", pack="antelopev2", provider="auto", det_size=640)
+
+    def encode(self, title: str, text: str):
+        return self.add("CLIPTextEncode", title=title, clip=self.clip, text=text, min_size=PROMPT_SIZE)["CONDITIONING"]
+
+    def sample(self, model, positive, negative, latent, prefix: str, steps: int):
+        out = self.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent, seed=42,
+                       steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+        image = self.add("VAEDecode", samples=out["LATENT"], vae=self.vae)["IMAGE"]
+        self.save_image(image, prefix)
+
+
+DIT_FIRST = "**Set first (Models group; ComfyUI 0.17.0 or newer):** "
+
+
+def flux2_klein_two_people(info) -> dict:
+    g = DiTGraph(info)
+    g.note("### Two people in one picture with Flux.2 Klein\n"
+           + DIT_FIRST + f"*models/diffusion_models/{FLUX2_KLEIN}*, *models/text_encoders/{QWEN3_4B}*, "
+           f"*models/vae/{FLUX2_VAE}*, *models/insightface/models/antelopev2/*.\n\n"
+           "Each person's face crops become native reference images, person A on the left and person B on the "
+           "right: image tokens in a person's region attend only to that person's references (and the text); "
+           "'strength' sets how strongly each person's references act (1 = as the model does natively). Works the "
+           "same with Flux.2 dev, Flux Kontext (Flux.1 loaders) and Qwen-Image-Edit; FluxKVCache may go before the "
+           "IDFusion node. **Then:** photos of both people, and the prompt.")
+    g.dit(FLUX2_KLEIN, FLUX2_VAE, clip_name=QWEN3_4B, type="flux2")
+    positive = g.encode("Prompt", "photo of two friends laughing side by side in a cafe, natural light")
+    negative = g.encode("Negative prompt", "")
+    a = g.identity([ASTRONAUT], "person A")
+    b = g.identity([HOPPER, HOPPER], "person B")
+    masks = g.add("IDFusionMultiIDMasks", width=1024, height=768, count=2, source="columns (left to right)",
+                  overlap="earlier identity wins")
+    people = g.add("IDFusionDiTIdentityReferences", model=g.model, positive=positive, negative=negative, vae=g.vae,
+                   identity_1=a, strength_1=1.0, identity_2=b, strength_2=1.0, size=512, outside="all",
+                   identity_masks=masks["identity masks"])
+    latent = g.add("EmptyFlux2LatentImage", width=1024, height=768, batch_size=1)["LATENT"]
+    g.sample(people["patched model"], people["positive"], people["negative"], latent, "flux2_klein_two_people", 4)
+    return g.workflow()
+
+
+def flux1_dev_training_free(info) -> dict:
+    g = DiTGraph(info)
+    g.note("### Training-free reference attention on Flux.1-dev\n"
+           + DIT_FIRST + f"*models/diffusion_models/{FLUX1_DEV}*, *models/text_encoders/{CLIP_L}* and "
+           f"*{T5XXL}*, *models/vae/{FLUX_VAE}*, *models/insightface/models/antelopev2/*. Chroma works the same.\n\n"
+           "Flux.1-dev takes no reference images of its own: a reference pass of the face crops gives every block's "
+           "reference keys/values, and each block's attention becomes (1−λ)·Attn(self) + λ·Attn(self + references) "
+           "for the image. 'reference_timestep: zero' runs the pass once per run (see docs/dit.md for its memory); "
+           "'current' repeats it every step as FlashFace does. **Then:** photos of your person, and the prompt.")
+    g.dit(FLUX1_DEV, FLUX_VAE, clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
+    prompt = g.encode("Prompt", "portrait photo of a woman as an astronaut, detailed, studio light")
+    positive = g.add("FluxGuidance", conditioning=prompt, guidance=3.5)["CONDITIONING"]
+    empty = g.encode("Empty prompt", "")
+    identity = g.identity([HOPPER, HOPPER], "person B")
+    features = g.add("IDFusionDiTFaceFeatures", model=g.model, vae=g.vae, empty_prompt=empty, identity=identity,
+                     size=512, disk_cache=False)
+    model = g.add("IDFusionDiTReferenceAttention", model=g.model, features=features["features"], strength=0.85,
+                  blocks="all (double + single)", reference_timestep="zero (once per run)")
+    latent = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)["LATENT"]
+    g.sample(model["patched model"], positive, empty, latent, "flux1_dev_training_free", 20)
+    return g.workflow()
+
+
 GRAPHS = [flashface_four_references, training_free_sd15, identity_mixing, fused_kv_three_references, two_person_masks,
           pose_driven_personalization, flashface_face_swap, flashface_character_to_real, consistentid_one_person,
-          consistentid_two_people, consistentid_reference_attention]
+          consistentid_two_people, consistentid_reference_attention, flux2_klein_two_people, flux1_dev_training_free]
 
 
 def measure(frontend: FrontendPage, workflow: dict, name: str) -> dict[int, tuple[float, float]]:

@@ -69,3 +69,16 @@ def cid_photo():
     """A 224 × 224 photo with one synthetic face (RGB uint8)."""
     from idf_testlib import face_fixtures
     return face_fixtures.scene(224, 224, [face_fixtures.MarkerFace(112, 110, 70, 90)], seed=3)
+
+
+# --- DiTs ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def dit_host(host):
+    """The DiT hooks (ComfyUI 0.17.0 or newer). Older hosts skip the DiT tests with the reason; a
+    host new enough never skips (a missing hook fails there, in CI and elsewhere)."""
+    from idf_testlib.dit_models import DIT_MIN_VERSION
+    from idf_testlib.paths import comfy_version
+    if comfy_version() < DIT_MIN_VERSION:
+        pytest.skip(f"the DiT hooks need ComfyUI {'.'.join(map(str, DIT_MIN_VERSION))} or newer; this host is "
+                    f"{'.'.join(map(str, comfy_version()))} (tests/host/test_dit_host_gate.py checks the refusal here)")

@@ -49,18 +49,22 @@ COLUMNS = (("models", "photos"), ("faces",), ("identity",), ("model",), ("sampli
 COLUMN_OF = {key: i for i, column in enumerate(COLUMNS) for key in column}
 
 STAGE_OF_TYPE = {
-    **dict.fromkeys(("CheckpointLoaderSimple", "ControlNetLoader", "VAELoader", "CLIPLoader", "UNETLoader",
-                     "IDFusionReferenceNetLoader", "IDFusionFaceAnalysisLoader", "IDFusionFaceParsingLoader"),
-                    "models"),
+    **dict.fromkeys(("CheckpointLoaderSimple", "ControlNetLoader", "VAELoader", "CLIPLoader", "DualCLIPLoader",
+                     "UNETLoader", "CLIPVisionLoader", "IDFusionReferenceNetLoader", "IDFusionFaceAnalysisLoader",
+                     "IDFusionFaceParsingLoader", "IDFusionConsistentIDLoader"), "models"),
     **dict.fromkeys(("LoadImage", "ImageScale"), "photos"),
     **dict.fromkeys(("IDFusionFaceDetect", "IDFusionFaceParse", "IDFusionLandmarkPredictor", "ImageBatch"), "faces"),
-    **dict.fromkeys(("IDFusionIdentity", "IDFusionFaceFeatures", "IDFusionCombineIdentities"), "identity"),
+    **dict.fromkeys(("IDFusionIdentity", "IDFusionFaceFeatures", "IDFusionCombineIdentities", "IDFusionConsistentIDFace",
+                     "IDFusionConsistentIDCombine", "IDFusionDiTFaceFeatures"), "identity"),
     **dict.fromkeys(("IDFusionReferenceAttention", "IDFusionFusedKV", "IDFusionMultiIDMasks",
-                     "IDFusionFacePositionMask", "LoraLoader", "LoraLoaderModelOnly", "GrowMask"), "model"),
+                     "IDFusionFacePositionMask", "LoraLoader", "LoraLoaderModelOnly", "GrowMask",
+                     "IDFusionConsistentIDApply", "IDFusionDiTIdentityReferences", "IDFusionDiTReferenceAttention"),
+                    "model"),
     **dict.fromkeys(("CLIPTextEncode", "ControlNetApplyAdvanced", "EmptyLatentImage", "VAEEncode",
                      "SetLatentNoiseMask", "KSampler", "KSamplerAdvanced", "IDFusionReferenceGuider",
-                     "KSamplerSelect", "BasicScheduler", "RandomNoise", "SamplerCustomAdvanced", "CFGGuider"),
-                    "sampling"),
+                     "KSamplerSelect", "BasicScheduler", "RandomNoise", "SamplerCustomAdvanced", "CFGGuider",
+                     "IDFusionConsistentIDConditioning", "ConditioningCombine", "FluxGuidance",
+                     "EmptyFlux2LatentImage", "EmptySD3LatentImage"), "sampling"),
     **dict.fromkeys(("VAEDecode", "SaveImage", "PreviewImage", "ImageCompositeMasked"), "output"),
 }
 #: For node types not in the table: the stage of a category, by its first matching prefix.

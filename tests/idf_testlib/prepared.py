@@ -6,6 +6,7 @@
   ControlNet; an insightface pack → the synthetic pack built under that name.
 * Photos: marker photos standing in for the sample photos, under the sample photos' names
   (the synthetic face detector finds faces only in markers, never in real photos).
+* DiT text encoders: T5-XXL and Qwen3 cannot be built here; a random CLIP-L stands in (``finish``).
 * Affordable values: what a 2-core test host runs instead of the shipped sizes and steps
   (64-px images, 2 steps, 64-px reference crops, a 320-px detector input for the marker faces).
   The e2e tier applies them while converting a workflow; the browser tier applies them to the
@@ -29,6 +30,11 @@ MODEL_INPUTS = {
     ("IDFusionConsistentIDLoader", "weights"): "consistentid",
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
     ("IDFusionFaceParsingLoader", "model"): "facexlib",
+    (None, "unet_name"): "diffusion_models",
+    (None, "vae_name"): "vae",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
 }
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 #: The detector input size at which the marker faces of ``stand_ins`` are found.
@@ -53,6 +59,7 @@ def model_files(prompts: list[dict]) -> set[tuple[str, str]]:
 def fixture_for(folder: str, name: str) -> Path:
     """The fixture file (or pack folder) to serve as ``folder/name``."""
     from . import consistentid_fixtures as cid
+    from . import dit_fixtures as dit
     from .flashface_fixtures import write_tiny_checkpoint_for_sd15_clip
     from .models import sd15_checkpoint
     suffix = Path(name).suffix
@@ -70,6 +77,13 @@ def fixture_for(folder: str, name: str) -> Path:
         return cid.clip_vision_h()
     if folder == "facexlib" and name == cid.PARSER:
         return cid.parsing_weights()
+    flux2 = any(tag in name.lower() for tag in ("flux2", "flux-2", "klein"))
+    if folder == "diffusion_models":
+        return dit.flux2_unet() if flux2 else dit.flux_unet()
+    if folder == "vae":
+        return dit.flux2_vae() if flux2 else dit.flux_vae()
+    if folder == "text_encoders":
+        return dit.clip_l()     # stands in for T5/Qwen3 (see ``finish``)
     raise ValueError(f"no test fixture for {folder}/{name}: add one to idf_testlib/prepared.py")
 
 
@@ -124,11 +138,18 @@ def affordable(node_type: str, name: str, value):
     return value
 
 
+def finish(prompt: dict) -> dict:
+    """What else the test host needs: the DiT workflows' text encoders (T5-XXL, Qwen3), which cannot
+    be built on these machines, replaced by a random CLIP-L the test DiTs take (``dit_fixtures``)."""
+    from .dit_fixtures import stand_in_text_encoders
+    return stand_in_text_encoders(prompt)
+
+
 def shrink(prompt: dict) -> dict:
-    """An API prompt with ``affordable`` applied to every widget value (links stay)."""
-    return {key: {**node, "inputs": {name: value if is_link(value) else affordable(node["class_type"], name, value)
-                                     for name, value in node["inputs"].items()}}
-            for key, node in prompt.items()}
+    """An API prompt with ``affordable`` applied to every widget value (links stay), ``finish``ed."""
+    return finish({key: {**node, "inputs": {name: value if is_link(value) else affordable(node["class_type"], name, value)
+                                            for name, value in node["inputs"].items()}}
+                   for key, node in prompt.items()})
 
 
 def is_link(value) -> bool:

@@ -13,6 +13,21 @@ WORKFLOWS = ROOT / "workflows"
 TEST_IMAGE_SIZE = 64
 TEST_CROP_SIZE = 64
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+#: Workflows that need a newer ComfyUI than the oldest test host (the DiT hooks came in 0.17.0):
+#: file name → minimum version. Everything else runs on every host.
+MIN_COMFYUI = {
+    "flux2_klein_two_people.json": (0, 17, 0),
+    "flux1_dev_training_free.json": (0, 17, 0),
+}
+
+
+def runs_on(name: str, version: tuple[int, ...]) -> bool:
+    """Whether workflow ``name`` can run on a host of ``version`` (see ``MIN_COMFYUI``)."""
+    return version >= MIN_COMFYUI.get(name, (0,))
+
+
+def needs_text(name: str) -> str:
+    return "ComfyUI " + ".".join(map(str, MIN_COMFYUI[name]))
 NOTE_TYPES = {"Note", "MarkdownNote"}
 
 
