@@ -119,14 +119,17 @@ class FrontendPage:
         dialog = self.page.locator(DIALOG)
         dialog.get_by_text(source, exact=True).first.click()
         self.settle()
-        self.page.remove_listener("response", record)
         cards = dialog.locator('[data-testid^="template-workflow-"]')
         found = {}
         for i in range(cards.count()):
             card = cards.nth(i)
+            card.scroll_into_view_if_needed()           # the dialog renders a card's picture once it is in view
             name = card.get_attribute("data-testid").removeprefix("template-workflow-")
-            shown = card.locator("img").first.evaluate("img => ({src: img.src, width: img.naturalWidth})")
+            shown = card.locator("img").first.evaluate(
+                "img => img.complete ? {src: img.src, width: img.naturalWidth} : new Promise(done => "
+                "img.addEventListener('load', () => done({src: img.src, width: img.naturalWidth}), {once: true}))")
             found[name] = {"served": served.get(name), **shown}
+        self.page.remove_listener("response", record)
         self.page.keyboard.press("Escape")
         return found
 
