@@ -15,13 +15,13 @@ and leaves it in ``transformer_options["idfusion_call"]`` for the attention patc
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from .feature_cache import FEATURE_CACHE, CacheKey, FeatureKey, Features
+from .fingerprint import weights_fingerprint
 from .references import FLASHFACE, ReferenceFeatures, ReferenceIdentity, Shared
 from .reference_pass import reference_forward
 from .unet_layout import block_modules
@@ -112,54 +112,6 @@ class CallState:
         return block_modules(self.unet)[key]
 
 
-# --- weights identity ------------------------------------------------------------------------
-
-_fingerprints: dict[tuple, str] = {}
-
-
-def _sample_tensor(t: torch.Tensor, n: int = 4096) -> bytes:
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // n)
-    return flat[::step][:n].float().cpu().numpy().tobytes()
-
-
-def weights_fingerprint(base_model, refnet_source: str) -> str:
-    """A stable id of the weights a reference pass runs with: samples of the UNet's tensors
-    (as loaded, LoRAs merged) plus the patcher's pending weight patches, and the ReferenceNet."""
-    patcher = getattr(base_model, "current_patcher", None)
-    uuid = getattr(patcher, "patches_uuid", None)
-    memo_key = (id(base_model), uuid, refnet_source)
-    if memo_key in _fingerprints:
-        return _fingerprints[memo_key]
-    h = hashlib.sha256(refnet_source.encode())
-    params = list(base_model.diffusion_model.named_parameters())
-    for name, p in params[:: max(1, len(params) // 24)]:
-        h.update(name.encode())
-        h.update(_sample_tensor(p))
-    for key in sorted(getattr(patcher, "patches", {}) or {}):
-        h.update(key.encode())
-        for patch in patcher.patches[key]:
-            h.update(repr(patch[0]).encode() + repr(patch[2]).encode())
-            value = patch[1]
-            tensors = [value] if torch.is_tensor(value) else [v for v in _flatten(value) if torch.is_tensor(v)]
-            for t in tensors:
-                h.update(_sample_tensor(t, 256))
-    digest = h.hexdigest()[:32]
-    _fingerprints[memo_key] = digest
-    return digest
-
-
-def _flatten(value, depth: int = 3):
-    """The leaves of a weight patch (tensors inside lists, tuples and adapter objects)."""
-    if depth and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flatten(v, depth - 1)
-    elif depth and hasattr(value, "__dict__") and not torch.is_tensor(value):
-        yield from _flatten(list(vars(value).values()), depth - 1)
-    else:
-        yield value
-
-
 # --- reference features for one call ---------------------------------------------------------
 
 def _run_pass(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,
@@ -188,7 +140,7 @@ def _run_pass(base_model, features: ReferenceFeatures, ident: ReferenceIdentity,
 def identity_features(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,
                       needed: set[FeatureKey], device, dtype) -> Features:
     """Features of one identity at one timestep: memory cache, disk cache, or a reference pass."""
-    key = CacheKey(ident.digest, weights_fingerprint(base_model, features.refnet.source_id),
+    key = CacheKey(ident.digest, weights_fingerprint(base_model, features.refnet),
                    round(float(timestep), 4), ident.context_digest)
     entry = FEATURE_CACHE.get(key, needed)
     if entry is None and ident.disk_cache is not None:

@@ -8,7 +8,8 @@ _registered = False
 
 
 def register_routes() -> None:
-    """``GET /idfusion/stats``: reference passes run and feature-cache hits, for users and tests."""
+    """``GET /idfusion/stats``: reference passes run, feature-cache hits and what hashing the weights
+    for the cache key cost (under ``fingerprint``), for users and tests."""
     global _registered
     if _registered:
         return
@@ -21,7 +22,8 @@ def register_routes() -> None:
 
     @PromptServer.instance.routes.get("/idfusion/stats")
     async def stats(request):
+        from ..models import fingerprint
         from ..models.feature_cache import FEATURE_CACHE
-        return web.json_response(FEATURE_CACHE.stats())
+        return web.json_response(dict(FEATURE_CACHE.stats(), fingerprint=fingerprint.stats()))
 
     _registered = True
