@@ -53,7 +53,7 @@ COLUMNS = 8
 SEED = 0x1DF05102
 #: Words moved and converted to float64 at once on a CUDA device (64 MiB of float64).
 CHUNK_WORDS = 1 << 23
-DEPTH = 6
+DEPTH = 16                              # nesting followed into patches (cycles are cut anyway)
 
 STATS = dict(tensors_hashed=0, bytes_hashed=0, seconds_hashing=0.0, fingerprints=0, runs=0)
 
@@ -217,7 +217,9 @@ def _cell_filled(cell) -> bool:
 
 
 def _feed(h, value, device, depth: int, seen: set) -> None:
-    """Feed a canonical encoding of ``value`` (tensors by exact digest) into hash ``h``."""
+    """Feed a canonical encoding of ``value`` (tensors by exact digest) into hash ``h``. What
+    cannot be encoded by content (nesting deeper than ``DEPTH``, bound methods, objects without
+    attributes) is encoded by identity: a key that misses, never one that is shared wrongly."""
     if isinstance(value, torch.Tensor):
         h.update(b"T" + tensor_digest(value, device))
         return
@@ -226,7 +228,11 @@ def _feed(h, value, device, depth: int, seen: set) -> None:
         return
     kind = type(value)
     h.update(f"<{kind.__module__}.{kind.__qualname__}>".encode())
-    if depth <= 0 or id(value) in seen:
+    if id(value) in seen:
+        h.update(b"^")
+        return
+    if depth <= 0:
+        h.update(f"@{id(value)}".encode())
         return
     seen = seen | {id(value)}
     if isinstance(value, (list, tuple)):
@@ -246,12 +252,12 @@ def _feed(h, value, device, depth: int, seen: set) -> None:
         _feed(h, [value.func, value.args, value.keywords], device, depth - 1, seen)
     elif inspect.isfunction(value):
         _feed(h, _function_parts(value), device, depth - 1, seen)
-    elif inspect.ismethod(value):
-        _feed(h, [value.__func__, type(value.__self__).__qualname__], device, depth - 1, seen)
-    elif isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
-        h.update(getattr(value, "__qualname__", "").encode())
-    elif hasattr(value, "__dict__"):
+    elif isinstance(value, type) or inspect.isbuiltin(value):
+        h.update(f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}".encode())
+    elif hasattr(value, "__dict__") and not inspect.ismethod(value):
         _feed(h, dict(vars(value)), device, depth - 1, seen)
+    else:
+        h.update(f"@{id(value)}".encode())
 
 
 def _object_digest(t: torch.Tensor, device) -> bytes:
