@@ -32,6 +32,8 @@ PLAN = "idfusion_plan"
 CALL = "idfusion_call"
 GUIDANCE = "idfusion_guidance"
 POSITION = "idfusion_position_mask"
+#: The node that sets POSITION (its display name starts errors found at sampling time).
+REFERENCE_NODE = "IDFusion Reference Attention"
 
 MODE_MIX = "mix (weights)"
 MODE_PER_ITEM = "per batch item"
@@ -53,7 +55,8 @@ class Routing(Shared):
 
 @dataclass(frozen=True, eq=False)
 class Spec(Shared):
-    """One patch node's request. kind: ``reference`` (reference attention) or ``fused_kv``."""
+    """One patch node's request. kind: ``reference`` (reference attention) or ``fused_kv``; node:
+    the patch node's display name, which starts every error found only at sampling time."""
 
     kind: str
     features: ReferenceFeatures
@@ -63,6 +66,7 @@ class Spec(Shared):
     start_percent: float = 0.0
     end_percent: float = 1.0
     routing: Routing = field(default_factory=Routing)
+    node: str = "IDFusion"
 
     def needs(self) -> set[FeatureKey]:
         return {(b, self.feature_kind) for b in self.blocks}
@@ -247,8 +251,8 @@ def position_channel(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor
     m = ((mask if mask.ndim == 3 else mask.unsqueeze(0)) > 0.5).float()
     hm, wm = m.shape[-2:]
     if abs(hm / wm - h / w) > 0.02 * (h / w):
-        raise ValueError(f"face position mask is {wm}×{hm} (w×h) but the image being generated is {w * 8}×{h * 8}: "
-                         f"make the face position mask at the image size (or the same aspect ratio)")
+        raise ValueError(f"{REFERENCE_NODE}: 'position_mask' is {wm}×{hm} (w×h) but the image being generated is "
+                         f"{w * 8}×{h * 8}; make the face position mask at the image size (or the same aspect ratio)")
     if (hm, wm) != (h, w):
         m = torch.nn.functional.interpolate(m.unsqueeze(1), size=(h, w), mode="nearest").squeeze(1)
     if m.shape[0] not in (1, b):

@@ -89,13 +89,17 @@ class FaceParser:
 
 
 def load_parser(name: str = DEFAULT_MODEL) -> FaceParser:
-    """BiSeNet from the facexlib model folder, loaded safely (weights only)."""
+    """BiSeNet from the facexlib model folder, loaded safely (weights only). ValueError names a
+    damaged file or one that is not a BiSeNet."""
     path = find_model(name)
-    import comfy.utils
     from facexlib.parsing.bisenet import BiSeNet
 
+    from ..files import WeightFileError, load_state_dict
     from ..host_patcher import wrap
-    state = comfy.utils.load_torch_file(str(path), safe_load=True)
+    try:
+        state = load_state_dict(path)
+    except WeightFileError as error:
+        raise ValueError(f"{error}. It belongs in {path.parent}: facexlib's {DEFAULT_MODEL}") from error
     model = BiSeNet(num_class=len(LABELS))
     try:
         model.load_state_dict(state, strict=True)

@@ -32,11 +32,11 @@ def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
     (block → (hidden_dim, inner_dim)). Raises ValueError naming missing or misshapen keys."""
     import comfy.model_management as mm
     import comfy.ops
-    from safetensors import safe_open
 
+    from ..files import open_safetensors
     from ..host_patcher import wrap
 
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         keys = set(f.keys())
         missing = [adapter_key(b, f"to_{kv}_face.weight") for b in dims for kv in "kv"
                    if adapter_key(b, f"to_{kv}_face.weight") not in keys]
