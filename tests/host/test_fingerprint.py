@@ -98,14 +98,15 @@ def test_model_merges_differing_in_one_value_have_different_keys(sd15):
 def test_weights_the_host_patches_in_place_keep_the_key_of_base_and_patches(sd15):
     """Loading a patched model swaps patched weights into the UNet (originals in the backup):
     the key stays that of the originals plus the pending patches."""
+    import comfy.model_management as mm
     patched = lora(sd15, seed=3)
     pending = key_of(patched)
-    patched.patch_model()
+    mm.load_models_gpu([patched])                  # as sampling loads it: other clones unloaded, patches applied
     try:
         assert patched.backup, "the host kept no originals: this test no longer tests in-place patching"
         assert key_of(patched) == pending
     finally:
-        patched.unpatch_model()
+        mm.unload_all_models()
     assert key_of(patched) == pending and key_of(sd15) != pending
 
 
