@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import logging
 import threading
 import time
 import weakref
@@ -54,6 +55,8 @@ SEED = 0x1DF05102
 #: Words moved and converted to float64 at once on a CUDA device (64 MiB of float64).
 CHUNK_WORDS = 1 << 23
 DEPTH = 16                              # nesting followed into patches (cycles are cut anyway)
+
+logger = logging.getLogger("IDFusion")
 
 STATS = dict(tensors_hashed=0, bytes_hashed=0, seconds_hashing=0.0, fingerprints=0, runs=0)
 
@@ -346,6 +349,7 @@ def weights_fingerprint(base_model, refnet) -> str:
     if entry is not None and _alive(entry[0]):
         base = entry[1]
     else:
+        before, start = stats(), time.perf_counter()
         h = hashlib.sha256(f"{refnet.kind}|".encode())
         h.update(module_digest(base_model.diffusion_model, patcher, "diffusion_model.", device))
         h.update(patches_digest(patcher, device))
@@ -356,6 +360,10 @@ def weights_fingerprint(base_model, refnet) -> str:
         with _lock:
             _fingerprints[key] = (_weak(base_model, patcher, ref_patcher), base)
             STATS["fingerprints"] += 1
+        hashed = STATS["bytes_hashed"] - before["bytes_hashed"]
+        if hashed:
+            logger.info("IDFusion: hashed %.0f MB of new weights for the feature cache's key on %s in %.1f s",
+                        hashed / 2 ** 20, device, time.perf_counter() - start)
     hooks = hooks_digest(patcher, device)
     return hashlib.sha256(base + hooks).hexdigest()[:32] if hooks else base.hex()[:32]
 

@@ -1,4 +1,7 @@
-"""Fixtures of the e2e tier: model files and input photos on the test server."""
+"""Fixtures of the e2e tier: model files and input photos on the test server, and a second server
+that never reuses reference features (what a freshly started server computes)."""
+import shutil
+
 import pytest
 from PIL import Image
 
@@ -42,3 +45,18 @@ def prepared(server, sd15_checkpoint):
     return overrides
 
 
+
+
+@pytest.fixture(scope="session")
+def fresh_server(server, prepared, tmp_path_factory):
+    """A second server, with the feature cache off (IDFUSION_FEATURE_CACHE_MB=0): every reference pass
+    is computed afresh, so each prompt gives the picture a freshly started server gives, whatever ran
+    before. Started on first use; the inputs of ``server`` are copied into it."""
+    from idf_testlib.server import ComfyServer
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy-fresh"), name="e2e-fresh", env={"IDFUSION_FEATURE_CACHE_MB": "0"})
+    for photo in (server.workdir / "input").iterdir():
+        if photo.is_file():
+            shutil.copy(photo, srv.workdir / "input" / photo.name)
+    srv.start()
+    yield srv
+    srv.stop()

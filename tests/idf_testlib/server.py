@@ -25,6 +25,9 @@ from .paths import ARTIFACTS, CACHE, COMFY, CUSTOM_NODES, ensure_pack_link
 
 #: A terminal colour code, e.g. "\x1b[32m".
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+#: Seconds to wait for an answer while the server may be busy: loading a 2 GB checkpoint can hold
+#: Python's GIL, and so the server's event loop, for tens of seconds on a small shared machine.
+SLOW_ANSWER = 180
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "flashface", "insightface", "facexlib", "idfusion", "controlnet")
 
 
@@ -135,7 +138,7 @@ class ComfyServer:
         frontend's "Unload models" and "Free model and node cache" buttons do. The host acts on
         it before the next prompt."""
         r = requests.post(self.url + "/free", json={"unload_models": unload_models, "free_memory": free_memory},
-                          timeout=30)
+                          timeout=SLOW_ANSWER)
         r.raise_for_status()
 
     def object_info(self) -> dict:
@@ -144,7 +147,7 @@ class ComfyServer:
     def queue(self, prompt: dict) -> dict:
         """POST /prompt. Returns the JSON answer (status 200) or raises with the host's error body."""
         body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
-        r = requests.post(self.url + "/prompt", json=body, timeout=30)
+        r = requests.post(self.url + "/prompt", json=body, timeout=SLOW_ANSWER)
         if r.status_code != 200:
             raise PromptRejected(r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text)
         return r.json()
@@ -154,7 +157,7 @@ class ComfyServer:
         prompt_id = self.queue(prompt)["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
+            history = self.get(f"/history/{prompt_id}", timeout=SLOW_ANSWER)
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 entry = history[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
@@ -179,6 +182,16 @@ class PromptRejected(Exception):
         super().__init__(f"/prompt answered {status}: {json.dumps(body)[:2000] if not isinstance(body, str) else body[:2000]}")
         self.status = status
         self.body = body
+
+
+def execution_failure(entry: dict) -> tuple[str, str] | None:
+    """(the node type the host reports a failed prompt against, the exception message), or None."""
+    if entry["status"].get("status_str") == "success":
+        return None
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return str(data.get("node_type")), str(data.get("exception_message")).strip()
+    return "?", "unknown error"
 
 
 def execution_error(entry: dict) -> str | None:
