@@ -341,7 +341,7 @@ def weights_fingerprint(base_model, refnet) -> str:
     patcher = getattr(base_model, "current_patcher", None)
     modules = getattr(refnet, "modules", None)
     ref_patcher = None if modules is None else modules.patcher
-    device = hash_device(getattr(patcher, "load_device", None))
+    device = hash_device(getattr(patcher, "load_device", None) or getattr(base_model, "device", None))
     key = (_epoch, id(base_model), id(patcher), getattr(patcher, "patches_uuid", None), id(ref_patcher),
            getattr(ref_patcher, "patches_uuid", None), refnet.kind)
     with _lock:

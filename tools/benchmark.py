@@ -60,6 +60,7 @@ ROWS = {
     "fused_2_masked": "fused KV, 2 identities, masked (× unpatched, cached)",
     "memory": "peak memory growth, MiB: unpatched / cold / cached",
     "passes": "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
+    "weights_key": "weights key of the feature cache: newly loaded model, s (GB/s) / each later run, ms",
 }
 
 
@@ -376,6 +377,23 @@ def sampling_passes(patched, width: int, size: int, steps: int) -> tuple[int, in
     return counts[0], counts[1]
 
 
+def weights_key_cost(model, width: int) -> tuple[float, float, float]:
+    """(seconds to key a newly loaded model: every tensor hashed, GB hashed, milliseconds of the
+    once-per-run walk that finds nothing new) for the MODEL's training-free reference net."""
+    from IDFusion.models import fingerprint
+    refnet = E.training_free_features(model, E.identity(1, width=width)).refnet
+    before = fingerprint.stats()["bytes_hashed"]
+    fingerprint.begin_run()
+    start = time.perf_counter()
+    fingerprint.weights_fingerprint(model.model, refnet)
+    cold = time.perf_counter() - start
+    hashed = (fingerprint.stats()["bytes_hashed"] - before) / 1e9
+    fingerprint.begin_run()
+    start = time.perf_counter()
+    fingerprint.weights_fingerprint(model.model, refnet)
+    return cold, hashed, 1000 * (time.perf_counter() - start)
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 def _ratio(value: float) -> str:
@@ -386,7 +404,8 @@ def _mib(value: float) -> str:
     return f"{value / 2 ** 20:.0f}"
 
 
-def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int) -> str:
+def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int,
+                  weights_key: tuple[float, float, float]) -> str:
     head = "| measure | size | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |"
     lines = [head, "|" + "---|" * (2 + len(refs))]
 
@@ -409,6 +428,8 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         row("memory", label, [f"{_mib(unpatched.peak)} / {_mib(peak('cold', n))} / {_mib(peak('cached', n))}"
                               for n in refs])
     row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
+    cold, hashed, walk = weights_key
+    row("weights_key", "–", [f"{cold:.2f} ({hashed / cold:.2f}) / {walk:.1f}"] * len(refs))
     return "\n".join(lines)
 
 
@@ -513,6 +534,8 @@ def main(argv=None) -> int:
     model, width = build_model(args.quick, device, dtype)
     log(f"{'tiny' if args.quick else 'full-size'} SD1.5 UNet built in {time.monotonic() - start:.1f} s on "
         f"{device_words(device)}, host attention {host_attention_name()}")
+    weights_key = weights_key_cost(model, width)
+    log(f"weights key: {weights_key[1]:.2f} GB hashed in {weights_key[0]:.2f} s, then {weights_key[2]:.1f} ms per run")
 
     measured, patched = {}, {}
     for size in args.sizes:
@@ -526,7 +549,7 @@ def main(argv=None) -> int:
         passes[n] = sampling_passes(patched[("reference", n)], width, args.sampling_size, args.steps)
         log(f"sampling, N={n}: reference passes {passes[n][0]} then {passes[n][1]}")
 
-    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size)
+    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, weights_key)
     header = (f"# IDFusion benchmark: {device_words(device)}\n\n"
               f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
               f"{'tiny' if args.quick else 'full-size'} random SD1.5 UNet, {str(dtype).replace('torch.', '')}; "
@@ -546,7 +569,11 @@ def main(argv=None) -> int:
              "with the main batch; this is only that larger forward (no attention concatenation), a floor for it.\n"
              "- Fused KV: every block's cross-attention, N references per identity; *masked*: two identities in "
              "the left and right halves (routing bias).\n"
-             f"- {memory_note(device)}\n")
+             f"- {memory_note(device)}\n"
+             "- *weights key*: what keying the feature cache by the exact weights costs (models/fingerprint.py): "
+             "once per newly loaded model every tensor is hashed on its load device (CPU: SHA-256, threads as "
+             "torch's; CUDA: exact integer row sums on the device), then each sampling run only walks the tensors "
+             "(memoized by identity). Measured on this UNet before any other case.\n")
     document = f"{header}\n{table}\n\n{notes}\n## Timings\n\n{raw_table(args.sizes, measured)}\n"
     print(table, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -282,7 +282,7 @@ CASES = [
          "IDFusionReferenceNetLoader: 'weights'", "is not a FlashFace checkpoint", "Put the official flashface.ckpt"),
     Case("damaged file: FlashFace .ckpt", lambda: flashface_file("idf-bad-damaged.ckpt"),
          "IDFusionReferenceNetLoader: 'weights'", "idf-bad-damaged.ckpt is damaged", "download (or copy) it again"),
-    Case("wrong file: adapter keys", lambda: adapter("idf-bad-wrong-keys.safetensors"), "IDFusionFusedKV: adapter",
+    Case("wrong file: adapter keys", lambda: adapter("idf-bad-wrong-keys.safetensors"), "IDFusionFusedKV: 'adapter'",
          "lacks", "choose blocks the adapter covers"),
     Case("damaged file: adapter", lambda: adapter("idf-bad-damaged.safetensors"), "IDFusionFusedKV: 'adapter'",
          "idf-bad-damaged.safetensors is damaged", "download (or copy) it again"),

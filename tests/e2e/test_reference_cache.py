@@ -36,7 +36,8 @@ def test_the_disk_cache_is_kept_where_the_web_api_does_not_serve_it(server, prep
     """user/__idfusion/feature_cache: a system-user folder (name starting with "__"), safetensors only;
     nothing in the users' own folders, and the userdata API refuses to reach it."""
     flashface = write_tiny_checkpoint_for_sd15_clip().name
-    entry = server.run(prompts.reference_prompt("idf_disk_cache", flashface=flashface, disk_cache=True, seed=3))
+    photo = "idfusion_person_b_2.png"                  # as the crop: references no other test uses, so no cache hit
+    entry = server.run(prompts.reference_prompt("idf_disk_cache", flashface=flashface, photo=photo, disk_cache=True))
     assert execution_error(entry) is None, execution_error(entry)
     user = server.workdir / "user"
     folder = user / "__idfusion" / "feature_cache"

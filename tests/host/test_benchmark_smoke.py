@@ -21,6 +21,7 @@ ROW_LABELS = (
     "fused KV, 2 identities, masked (× unpatched, cached)",
     "peak memory growth, MiB: unpatched / cold / cached",
     "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
+    "weights key of the feature cache: newly loaded model, s (GB/s) / each later run, ms",
 )
 
 
