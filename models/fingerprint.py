@@ -360,7 +360,7 @@ def weights_fingerprint(base_model, refnet) -> str:
         with _lock:
             _fingerprints[key] = (_weak(base_model, patcher, ref_patcher), base)
             STATS["fingerprints"] += 1
-        hashed = STATS["bytes_hashed"] - before["bytes_hashed"]
+        hashed = stats()["bytes_hashed"] - before["bytes_hashed"]
         if hashed:
             logger.info("IDFusion: hashed %.0f MB of new weights for the feature cache's key on %s in %.1f s",
                         hashed / 2 ** 20, device, time.perf_counter() - start)
