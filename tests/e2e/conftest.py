@@ -51,7 +51,8 @@ def prepared(server, sd15_checkpoint):
 def fresh_server(server, prepared, tmp_path_factory):
     """A second server, with the feature cache off (IDFUSION_FEATURE_CACHE_MB=0): every reference pass
     is computed afresh, so each prompt gives the picture a freshly started server gives, whatever ran
-    before. Started on first use; the inputs of ``server`` are copied into it."""
+    before. Started on first use; the inputs of ``server`` are copied into it. Tests POST /free to it
+    after use: two servers holding full-size models at once need more memory than small machines have."""
     from idf_testlib.server import ComfyServer
     srv = ComfyServer(tmp_path_factory.mktemp("comfy-fresh"), name="e2e-fresh", env={"IDFUSION_FEATURE_CACHE_MB": "0"})
     for photo in (server.workdir / "input").iterdir():

@@ -306,7 +306,9 @@ def normal_prompt() -> Prompt:
 def fresh_picture(fresh_server, files):
     entry = fresh_server.run(normal_prompt())
     assert execution_error(entry) is None, execution_error(entry)
-    return prompts.pixels(fresh_server, entry)
+    picture = prompts.pixels(fresh_server, entry)
+    fresh_server.free()                  # its models' memory back, while the matrix runs on the other server
+    return picture
 
 
 @pytest.fixture(scope="module")
