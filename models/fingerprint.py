@@ -362,7 +362,7 @@ def weights_fingerprint(base_model, refnet) -> str:
             STATS["fingerprints"] += 1
         hashed = stats()["bytes_hashed"] - before["bytes_hashed"]
         if hashed:
-            logger.info("IDFusion: hashed %.0f MB of new weights for the feature cache's key on %s in %.1f s",
+            logger.info("IDFusion: hashed %.1f MB of new weights for the feature cache's key on %s in %.1f s",
                         hashed / 2 ** 20, device, time.perf_counter() - start)
     hooks = hooks_digest(patcher, device)
     return hashlib.sha256(base + hooks).hexdigest()[:32] if hooks else base.hex()[:32]
