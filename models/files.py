@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 

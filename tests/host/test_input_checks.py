@@ -145,11 +145,11 @@ def flashface(host):
 def test_plain_features_on_flashfaces_model_and_the_reverse_are_refused(sd15, flashface):
     from IDFusion.models.references import ReferenceFeatures
     model, refnet = flashface
-    with pytest.raises(ValueError, match=r"^IDFusionReferenceAttention: 'features' were encoded by a plain UNet .*'model' "
-                                         r"is FlashFace's MODEL \(5 input channels\)"):
+    with pytest.raises(ValueError, match=r"^IDFusionReferenceAttention: 'features' were encoded by a plain UNet .*"
+                                         r"'model' is FlashFace's MODEL \(5 input channels\)"):
         reference(model, E.training_free_features(sd15, E.identity(1)))
-    with pytest.raises(ValueError, match=r"^IDFusionFusedKV: 'features' were encoded with the FlashFace weights .*'model' "
-                                         r"is not the FlashFace MODEL that loader returned"):
+    with pytest.raises(ValueError, match=r"^IDFusionFusedKV: 'features' were encoded with the FlashFace weights .*"
+                                         r"'model' is not the FlashFace MODEL that loader returned"):
         fused(sd15, ReferenceFeatures(refnet, (E.identity(1),), (1.0,)))
     assert fused(model, ReferenceFeatures(refnet, (E.identity(1),), (1.0,))) is not model
 
