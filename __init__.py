@@ -6,11 +6,25 @@ onnxruntime) and model code load only when a node runs.
 The floor is ComfyUI 0.3.60: from there on the host's attention functions take the
 ``transformer_options`` the pack's attention patches pass on (on 0.3.48–0.3.59 the first
 sampling step would fail). On an older host the pack logs one line and registers no node.
+
+Nothing leaves the machine: onnxruntime (insightface's runtime) looks up and contacts an
+outside telemetry host, and writes a device id under the home folder, as soon as it is
+imported, unless ``ORT_DISABLE_TELEMETRY`` is set before that first import (its
+``disable_telemetry_events()`` comes too late). The pack sets it when ComfyUI loads it; a
+value you set yourself is kept.
 """
 import logging
+import os
 import re
+import sys
 
 logger = logging.getLogger("IDFusion")
+
+_telemetry_preset = "ORT_DISABLE_TELEMETRY" in os.environ
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+if "onnxruntime" in sys.modules and not _telemetry_preset:
+    logger.warning("IDFusion: onnxruntime was imported before IDFusion loaded (by another custom node?), so its "
+                   "telemetry is on; start ComfyUI with ORT_DISABLE_TELEMETRY=1 in the environment to keep it off")
 
 MIN_COMFYUI = "0.3.60"
 

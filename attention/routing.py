@@ -77,18 +77,19 @@ def query_weights(masks: torch.Tensor, seq_len: int, latent_hw: tuple[int, int],
     return alpha
 
 
-def fit_to_latent(masks: torch.Tensor, height: int, width: int, what: str = "mask", pixels_per_unit: int = 8) -> torch.Tensor:
+def fit_to_latent(masks: torch.Tensor, height: int, width: int, what: str = "mask", pixels_per_unit: int = 8,
+                  fix: str = "make it at the image size (or the same aspect ratio)") -> torch.Tensor:
     """Resize ``[..., Hm, Wm]`` masks (pixel or latent size) to ``height × width`` (a latent,
     whose image is ``pixels_per_unit`` times larger; 1 when the target is itself in pixels).
 
     Any size with the target's aspect ratio is accepted (within 2 %); a different aspect
-    ratio is an error, because stretching would move the regions.
+    ratio is an error ("<what> is … but the image being generated is …; <fix>"), because
+    stretching would move the regions.
     """
     hm, wm = masks.shape[-2:]
     if abs(hm / wm - height / width) > 0.02 * (height / width):
         raise ValueError(f"{what} is {wm}×{hm} (w×h) but the image being generated is "
-                         f"{width * pixels_per_unit}×{height * pixels_per_unit}: "
-                         f"make the {what} at the image size (or the same aspect ratio)")
+                         f"{width * pixels_per_unit}×{height * pixels_per_unit}; {fix}")
     if (hm, wm) == (height, width):
         return masks.float()
     lead = masks.shape[:-2]

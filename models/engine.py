@@ -15,13 +15,13 @@ and leaves it in ``transformer_options["idfusion_call"]`` for the attention patc
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from .feature_cache import FEATURE_CACHE, CacheKey, FeatureKey, Features
+from .fingerprint import weights_fingerprint
 from .references import FLASHFACE, ReferenceFeatures, ReferenceIdentity, Shared
 from .reference_pass import reference_forward
 from .unet_layout import block_modules
@@ -32,6 +32,8 @@ PLAN = "idfusion_plan"
 CALL = "idfusion_call"
 GUIDANCE = "idfusion_guidance"
 POSITION = "idfusion_position_mask"
+#: The node that sets POSITION (its display name starts errors found at sampling time).
+REFERENCE_NODE = "IDFusion Reference Attention"
 
 MODE_MIX = "mix (weights)"
 MODE_PER_ITEM = "per batch item"
@@ -53,7 +55,8 @@ class Routing(Shared):
 
 @dataclass(frozen=True, eq=False)
 class Spec(Shared):
-    """One patch node's request. kind: ``reference`` (reference attention) or ``fused_kv``."""
+    """One patch node's request. kind: ``reference`` (reference attention) or ``fused_kv``; node:
+    the patch node's display name, which starts every error found only at sampling time."""
 
     kind: str
     features: ReferenceFeatures
@@ -63,6 +66,7 @@ class Spec(Shared):
     start_percent: float = 0.0
     end_percent: float = 1.0
     routing: Routing = field(default_factory=Routing)
+    node: str = "IDFusion"
 
     def needs(self) -> set[FeatureKey]:
         return {(b, self.feature_kind) for b in self.blocks}
@@ -112,54 +116,6 @@ class CallState:
         return block_modules(self.unet)[key]
 
 
-# --- weights identity ------------------------------------------------------------------------
-
-_fingerprints: dict[tuple, str] = {}
-
-
-def _sample_tensor(t: torch.Tensor, n: int = 4096) -> bytes:
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // n)
-    return flat[::step][:n].float().cpu().numpy().tobytes()
-
-
-def weights_fingerprint(base_model, refnet_source: str) -> str:
-    """A stable id of the weights a reference pass runs with: samples of the UNet's tensors
-    (as loaded, LoRAs merged) plus the patcher's pending weight patches, and the ReferenceNet."""
-    patcher = getattr(base_model, "current_patcher", None)
-    uuid = getattr(patcher, "patches_uuid", None)
-    memo_key = (id(base_model), uuid, refnet_source)
-    if memo_key in _fingerprints:
-        return _fingerprints[memo_key]
-    h = hashlib.sha256(refnet_source.encode())
-    params = list(base_model.diffusion_model.named_parameters())
-    for name, p in params[:: max(1, len(params) // 24)]:
-        h.update(name.encode())
-        h.update(_sample_tensor(p))
-    for key in sorted(getattr(patcher, "patches", {}) or {}):
-        h.update(key.encode())
-        for patch in patcher.patches[key]:
-            h.update(repr(patch[0]).encode() + repr(patch[2]).encode())
-            value = patch[1]
-            tensors = [value] if torch.is_tensor(value) else [v for v in _flatten(value) if torch.is_tensor(v)]
-            for t in tensors:
-                h.update(_sample_tensor(t, 256))
-    digest = h.hexdigest()[:32]
-    _fingerprints[memo_key] = digest
-    return digest
-
-
-def _flatten(value, depth: int = 3):
-    """The leaves of a weight patch (tensors inside lists, tuples and adapter objects)."""
-    if depth and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flatten(v, depth - 1)
-    elif depth and hasattr(value, "__dict__") and not torch.is_tensor(value):
-        yield from _flatten(list(vars(value).values()), depth - 1)
-    else:
-        yield value
-
-
 # --- reference features for one call ---------------------------------------------------------
 
 def _run_pass(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,
@@ -188,7 +144,7 @@ def _run_pass(base_model, features: ReferenceFeatures, ident: ReferenceIdentity,
 def identity_features(base_model, features: ReferenceFeatures, ident: ReferenceIdentity, timestep: float,
                       needed: set[FeatureKey], device, dtype) -> Features:
     """Features of one identity at one timestep: memory cache, disk cache, or a reference pass."""
-    key = CacheKey(ident.digest, weights_fingerprint(base_model, features.refnet.source_id),
+    key = CacheKey(ident.digest, weights_fingerprint(base_model, features.refnet),
                    round(float(timestep), 4), ident.context_digest)
     entry = FEATURE_CACHE.get(key, needed)
     if entry is None and ident.disk_cache is not None:
@@ -295,8 +251,8 @@ def position_channel(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor
     m = ((mask if mask.ndim == 3 else mask.unsqueeze(0)) > 0.5).float()
     hm, wm = m.shape[-2:]
     if abs(hm / wm - h / w) > 0.02 * (h / w):
-        raise ValueError(f"face position mask is {wm}×{hm} (w×h) but the image being generated is {w * 8}×{h * 8}: "
-                         f"make the face position mask at the image size (or the same aspect ratio)")
+        raise ValueError(f"{REFERENCE_NODE}: 'position_mask' is {wm}×{hm} (w×h) but the image being generated is "
+                         f"{w * 8}×{h * 8}; make the face position mask at the image size (or the same aspect ratio)")
     if (hm, wm) != (h, w):
         m = torch.nn.functional.interpolate(m.unsqueeze(1), size=(h, w), mode="nearest").squeeze(1)
     if m.shape[0] not in (1, b):

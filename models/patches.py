@@ -81,12 +81,22 @@ def block_key(extra_options: dict):
     return None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
 
 
+#: which → (input of the patch node, what to do when its aspect ratio is not the image's)
+MASK_INPUTS = {
+    "masks": ("identity_masks", "set the width and height of 'IDFusion Multi-ID Masks' to the image size "
+                                "(or the same aspect ratio)"),
+    "region": ("position_mask", "make the face position mask at the image size (or the same aspect ratio)"),
+}
+
+
 def _latent_masks(call: SpecCall, which: str, masks: torch.Tensor) -> torch.Tensor:
+    """Masks at the latent size of this call; an aspect-ratio error names the patch node and its input
+    (it is found only now, at sampling time, where the host reports it against the sampler)."""
     cache = call.spec.routing._alpha
     key = (which, call.latent_hw)
     if key not in cache:
-        what = "identity masks" if which == "masks" else "face position mask"
-        cache[key] = fit_to_latent(masks, *call.latent_hw, what=what)
+        name, fix = MASK_INPUTS[which]
+        cache[key] = fit_to_latent(masks, *call.latent_hw, what=f"{call.spec.node}: '{name}'", fix=fix)
     return cache[key]
 
 

@@ -68,10 +68,6 @@ class ReferenceNet(Shared):
     model_patcher: object = None
     modules: FlashFaceModules | None = None
 
-    @property
-    def source_id(self) -> str:
-        return self.kind if self.modules is None else f"{self.kind}:{self.modules.source}"
-
 
 @dataclass(frozen=True, eq=False)
 class ReferenceIdentity(Shared):

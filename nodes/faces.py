@@ -11,6 +11,7 @@ from .api import io, ui
 from ..models.faces import analysis as face_models
 from ..models.faces import parsing
 from . import types
+from .errors import from_input
 
 logger = logging.getLogger("IDFusion")
 
@@ -41,7 +42,8 @@ class FaceAnalysisLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, pack, provider, det_size) -> io.NodeOutput:
-        return io.NodeOutput(face_models.load_analyzer(pack, provider, det_size))
+        with from_input("IDFusionFaceAnalysisLoader", "pack"):
+            return io.NodeOutput(face_models.load_analyzer(pack, provider, det_size))
 
 
 class FaceDetect(io.ComfyNode):
@@ -157,7 +159,8 @@ class FaceParsingLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        return io.NodeOutput(parsing.load_parser(model))
+        with from_input("IDFusionFaceParsingLoader", "model"):
+            return io.NodeOutput(parsing.load_parser(model))
 
 
 class FaceParse(io.ComfyNode):

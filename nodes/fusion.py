@@ -9,8 +9,9 @@ import folder_paths
 from .api import io
 
 from . import types
+from .errors import from_input
 from .loaders import register_folder
-from .reference import OUTSIDE_CHOICES, add_to_plan, build_routing, check_patch_inputs
+from .reference import OUTSIDE_CHOICES, add_to_plan, build_routing, check_features_fit, check_patch_inputs
 from .unet_blocks import ALL, SELECTIONS, attn2_replace, block_table, select_blocks, set_attn2_replace, transformer_blocks
 
 logger = logging.getLogger("IDFusion")
@@ -18,6 +19,7 @@ logger = logging.getLogger("IDFusion")
 ADAPTER_FOLDER = "idfusion"
 TRAINING_FREE_ADAPTER = "training-free (self-attention projections)"
 NODE = "IDFusionFusedKV"
+DISPLAY_NAME = "IDFusion Fused KV"
 
 register_folder(ADAPTER_FOLDER, {".safetensors"})
 
@@ -32,7 +34,7 @@ class FusedKV(io.ComfyNode):
         from ..models.engine import IDENTITY_MODES, MODE_MIX
         return io.Schema(
             node_id=NODE,
-            display_name="IDFusion Fused KV",
+            display_name=DISPLAY_NAME,
             category="IDFusion/fusion",
             description="Patches a clone of the MODEL so cross-attention's keys/values become [K_text; K_face...], "
                         "[V_text; V_face...] under one softmax, with K_face = Linear_kf(h_f), V_face = Linear_vf(h_f) "
@@ -68,10 +70,11 @@ class FusedKV(io.ComfyNode):
         from ..models.engine import Spec
 
         check_patch_inputs(NODE, model, start_percent, end_percent)
+        check_features_fit(NODE, model, features)
         routing = build_routing(NODE, features, identity_mode, identity_masks, outside)
         m = model.clone()
         selected = select_blocks(block_table(m), blocks)
-        spec = Spec("fused_kv", features, selected, "attn2", weight, start_percent, end_percent, routing)
+        spec = Spec("fused_kv", features, selected, "attn2", weight, start_percent, end_percent, routing, DISPLAY_NAME)
         projections = load_projections(m, selected, adapter)
         patch_fused_kv(m, spec, projections)
         add_to_plan(m, spec)
@@ -91,7 +94,8 @@ def load_projections(m, blocks, adapter: str):
         raise FileNotFoundError(f"{NODE}: adapter '{adapter}' is not in models/{ADAPTER_FOLDER}; put it there and "
                                 f"refresh the node list")
     dims = {k: (modules[k].attn1.to_k.weight.shape[1], modules[k].attn2.to_k.weight.shape[0]) for k in blocks}
-    layers, patcher = load_adapter(path, dims, m.model)
+    with from_input(NODE, "adapter"):
+        layers, patcher = load_adapter(path, dims, m.model)
     logger.info("IDFusion: fused-KV adapter %s (%d blocks)", os.path.basename(path), len(layers))
     return layers, patcher
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .api import io
 
-from ..models.faces.analysis import pad_to_square
+from ..models.faces.analysis import face_crops, pad_to_square
 from ..models.faces.identity import Identity
 from . import types
 
@@ -23,8 +23,9 @@ class IdentityNode(io.ComfyNode):
                                   tooltip="From IDFusion Face Detect: its crops, ArcFace crops and embeddings are "
                                           "used (every selected face is one reference photo)."),
                 io.Image.Input("crops", optional=True,
-                               tooltip="Face crops of this person, one per photo. Without 'faces' any face images "
-                                       "work; with 'faces' there must be one crop per face."),
+                               tooltip="Face crops of this person, one per photo, at least 32 pixels on each side "
+                                       "(grayscale is repeated to RGB, RGBA composited on black). Without 'faces' "
+                                       "any face images work; with 'faces' there must be one crop per face."),
                 io.String.Input("label", default="identity", tooltip="A name shown in logs and previews."),
                 io.Int.Input("size", default=224, min=64, max=1024, step=8,
                              tooltip="Crops are padded to a square and resized to this side (FlashFace: 224)."),
@@ -64,7 +65,7 @@ def _crops(faces, crops):
     if images.shape[0] == 0:
         raise ValueError("IDFusionIdentity: there is no face to build the identity from (IDFusion Face Detect "
                          "skipped every image); use photos where a face is found, or lower its min_score")
-    return images
+    return face_crops(images, f"IDFusionIdentity: '{'crops' if crops is not None else 'faces'}'")
 
 
 NODES = [IdentityNode]

@@ -8,6 +8,7 @@ import folder_paths
 from .api import io
 
 from . import types
+from .errors import from_input
 from .unet_blocks import add_attn1_output_patch, add_attn1_patch, block_table, require_unet, set_apply_model_wrapper
 
 logger = logging.getLogger("IDFusion")
@@ -64,7 +65,8 @@ class ReferenceNetLoader(io.ComfyNode):
         if path is None:
             raise FileNotFoundError(f"IDFusionReferenceNetLoader: weights '{weights}' is not in models/{FLASHFACE_FOLDER}; "
                                     f"put the FlashFace checkpoint there and refresh the node list")
-        flashface_model, refnet = load_flashface(path)
+        with from_input("IDFusionReferenceNetLoader", "weights"):
+            flashface_model, refnet = load_flashface(path)
         return io.NodeOutput(flashface_model, refnet)
 
 

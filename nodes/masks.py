@@ -23,7 +23,9 @@ def masks_from_input(masks, count: int, height: int, width: int) -> torch.Tensor
     if masks.shape[0] != count:
         raise ValueError(f"{NODE}: 'masks' holds {masks.shape[0]} mask(s) but 'count' is {count}; give one mask per "
                          f"identity (batch them with a 'Batch Masks' node) or set count to {masks.shape[0]}")
-    return fit_to_latent(masks.float().cpu(), height, width, what=f"{NODE}: 'masks'", pixels_per_unit=1).clamp(0, 1)
+    fitted = fit_to_latent(masks.float().cpu(), height, width, what=f"{NODE}: 'masks'", pixels_per_unit=1,
+                           fix="give masks of the size set by 'width' and 'height' (or the same aspect ratio)")
+    return fitted.clamp(0, 1)
 
 
 def masks_from_faces(faces, image_index: int, count: int, height: int, width: int, margin: float) -> torch.Tensor:

@@ -17,13 +17,22 @@ logger = logging.getLogger("IDFusion")
 
 AUTO = "auto (FlashFace: decoder)"
 OUTSIDE_CHOICES = ("all", "none")
+DISPLAY_NAME = "IDFusion Reference Attention"
+#: Model families by the host's model config class (and its bases), as users know them.
+FAMILY_NAMES = {"SD15": "SD1.5", "SD20": "SD2.x", "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SD3": "SD3"}
 
 
 def disk_cache_folder() -> str:
-    return os.path.join(folder_paths.get_user_directory(), "idfusion", "feature_cache")
+    """``<user directory>/__idfusion/feature_cache``: a system-user folder (its name starts with "__"),
+    which ComfyUI's HTTP userdata API never serves, not even in multi-user mode."""
+    system_user = getattr(folder_paths, "get_system_user_directory", None)
+    base = system_user("idfusion") if system_user else os.path.join(folder_paths.get_user_directory(), "__idfusion")
+    return os.path.join(base, "feature_cache")
 
 
 def _reference_crops(images, identity) -> tuple[torch.Tensor, str]:
+    from ..models.faces.analysis import face_crops
+
     if (images is None) == (identity is None):
         raise ValueError("IDFusionFaceFeatures: connect exactly one of 'images' (an IMAGE batch of face crops) "
                          "or 'identity' (from 'IDFusion Identity')")
@@ -34,7 +43,7 @@ def _reference_crops(images, identity) -> tuple[torch.Tensor, str]:
                          f"connect 1 or more face crops")
     if images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"IDFusionFaceFeatures: 'images' must be an IMAGE [N, H, W, C], got shape {tuple(images.shape)}")
-    return images, "identity"
+    return face_crops(images, "IDFusionFaceFeatures: 'images'"), "identity"
 
 
 def null_context(clip, model_patcher, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -67,14 +76,16 @@ class FaceFeatures(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE that encodes the reference crops to clean latents."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the empty prompt the reference pass runs with."),
                 io.Image.Input("images", optional=True,
-                               tooltip="Face crops of ONE person (1–N): scaled and padded to a black square "
-                                       "(FlashFace's PadToSquare). Or use 'identity'."),
+                               tooltip="Face crops of ONE person (1–N), at least 32 pixels on each side: scaled and "
+                                       "padded to a black square (FlashFace's PadToSquare); grayscale is repeated to "
+                                       "RGB, RGBA composited on black. Or use 'identity'."),
                 types.Identity.Input("identity", optional=True, tooltip="An identity from 'IDFusion Identity' (instead of 'images')."),
                 io.Int.Input("size", default=224, min=64, max=1024, step=8,
                              tooltip="Reference crop size in pixels (FlashFace: 224, i.e. 28×28 latents)."),
                 io.Boolean.Input("disk_cache", default=False,
-                                 tooltip="Also keep reference features on disk (ComfyUI user folder), so a re-run "
-                                         "after a restart skips the reference passes."),
+                                 tooltip="Also keep reference features on disk (safetensors in ComfyUI's "
+                                         "user/__idfusion/feature_cache, a system folder the web API does not serve), "
+                                         "so a re-run after a restart skips the reference passes."),
             ],
             outputs=[types.ReferenceFeatures.Output(display_name="features",
                                                     tooltip="Feed to 'IDFusion Reference Attention' or 'IDFusion Fused KV'.")],
@@ -186,7 +197,7 @@ class ReferenceAttention(io.ComfyNode):
         from ..models.engine import IDENTITY_MODES, MODE_MIX
         return io.Schema(
             node_id="IDFusionReferenceAttention",
-            display_name="IDFusion Reference Attention",
+            display_name=DISPLAY_NAME,
             category="IDFusion/reference",
             description="Patches a clone of the MODEL so its self-attention also attends over the reference faces "
                         "(FlashFace). FlashFace weights: x += λ·A′(y, [y, refs]) + (1−λ)·A′(y, y) on the middle and "
@@ -228,6 +239,7 @@ class ReferenceAttention(io.ComfyNode):
 
         node = "IDFusionReferenceAttention"
         check_patch_inputs(node, model, start_percent, end_percent)
+        check_features_fit(node, model, features)
         mask = check_position_mask(node, position_mask)
         flashface = features.refnet.kind == FLASHFACE
         routing = build_routing(node, features, identity_mode, identity_masks, outside, None if flashface else mask)
@@ -235,23 +247,64 @@ class ReferenceAttention(io.ComfyNode):
         table = block_table(m)
         if flashface:
             patch = find_flashface_patch(m)
-            if patch is None:
-                raise ValueError(f"{node}: 'features' were encoded with FlashFace weights, but 'model' is not the "
-                                 f"FlashFace MODEL; connect the MODEL output of the ReferenceNet Loader that loaded them")
             if blocks not in (AUTO, DECODER):
                 raise ValueError(f"{node}: FlashFace's extra attention exists on the decoder only; set blocks to "
                                  f"'{AUTO}' or '{DECODER}'")
             spec = Spec("reference", features, tuple(sorted(patch.blocks, key=table.index)), "attn1", strength,
-                        start_percent, end_percent, routing)
+                        start_percent, end_percent, routing, DISPLAY_NAME)
             replace_flashface_patch(m, patch, patch.with_spec(spec))
             if mask is not None:
                 set_option(m, POSITION, mask)
         else:
             selected = select_blocks(table, DECODER if blocks == AUTO else blocks)
-            spec = Spec("reference", features, selected, "attn1", strength, start_percent, end_percent, routing)
+            spec = Spec("reference", features, selected, "attn1", strength, start_percent, end_percent, routing,
+                        DISPLAY_NAME)
             patch_training_free(m, spec)
         add_to_plan(m, spec)
         return io.NodeOutput(m)
+
+
+def model_family(model_patcher) -> str:
+    """The family of a MODEL as users know it ("SD1.5", "SDXL", ...): the nearest model config
+    class in the host's hierarchy that has a name here (Segmind Vega is an SDXL), else its own."""
+    config = type(model_patcher.model.model_config)
+    return next((FAMILY_NAMES[c.__name__] for c in config.__mro__ if c.__name__ in FAMILY_NAMES), config.__name__)
+
+
+def is_flashface_model(model_patcher) -> bool:
+    """FlashFace's MODEL: its UNet takes one input channel more than the latent (the face position)."""
+    base = model_patcher.model
+    return base.diffusion_model.in_channels == base.latent_format.latent_channels + 1
+
+
+def check_features_fit(node: str, model, features) -> None:
+    """FEATURES made for another model family, or for FlashFace's MODEL where a plain one is patched
+    (and the reverse), would fail deep inside sampling: refuse them here, naming both nodes."""
+    from ..models.references import FLASHFACE
+
+    if features.refnet.kind == "dit":
+        return  # DiT features: build_routing names the DiT node to use
+    if features.refnet.kind == FLASHFACE:
+        patch = find_flashface_patch(model)
+        if patch is None or patch.modules is not features.refnet.modules:
+            raise ValueError(f"{node}: 'features' were encoded with the FlashFace weights of 'IDFusion ReferenceNet "
+                             f"Loader' ({features.refnet.label}), but 'model' is not the FlashFace MODEL that loader "
+                             f"returned; connect that loader's MODEL output to 'model' (LoRAs may sit in between)")
+        return
+    if is_flashface_model(model):
+        raise ValueError(f"{node}: 'features' were encoded by a plain UNet ('IDFusion ReferenceNet Loader' set to "
+                         f"training-free), but 'model' is FlashFace's MODEL (5 input channels); encode the features "
+                         f"with the REFERENCE_NET of the loader that loaded FlashFace ('IDFusion Face Features' → "
+                         f"reference_net), or connect a plain checkpoint's MODEL")
+    made_for, given = model_family(features.refnet.model_patcher), model_family(model)
+    ident = features.identities[0]
+    width = next(iter(transformer_blocks(model.model.diffusion_model).values())).attn2.to_k.weight.shape[1]
+    adm = model.model.diffusion_model.num_classes is not None
+    if made_for != given or ident.context.shape[-1] != width or (ident.y is not None) != adm:
+        raise ValueError(f"{node}: 'features' were encoded for an {made_for} model (the MODEL given to 'IDFusion "
+                         f"ReferenceNet Loader'), but 'model' is an {given} model; connect this {given} MODEL to "
+                         f"'IDFusion ReferenceNet Loader' and encode the faces again with 'IDFusion Face Features' "
+                         f"(with the same checkpoint's CLIP and VAE)")
 
 
 def check_patch_inputs(node: str, model, start_percent: float, end_percent: float) -> None:

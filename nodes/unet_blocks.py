@@ -128,15 +128,19 @@ def add_attn1_output_patch(m, fn) -> None:
 
 
 def set_apply_model_wrapper(m, fn) -> None:
-    """Install (once per MODEL clone) the wrapper around ``BaseModel._apply_model``, and make
-    sure the patches' ``cleanup()`` runs after sampling on every host."""
+    """Install (once per MODEL clone) the wrapper around ``BaseModel._apply_model``, with the run hooks."""
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fn)
-    ensure_cleanup(m)
+    ensure_run_hooks(m)
 
 
-def ensure_cleanup(m) -> None:
-    """Make sure the patches' ``cleanup()`` runs after sampling on every host."""
+def ensure_run_hooks(m) -> None:
+    """Once per MODEL clone: the callback that has the weights' key re-read once per sampling run,
+    and the patches' ``cleanup()`` after sampling on every host."""
+    from ..models.fingerprint import begin_run
+
+    m.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, WRAPPER_KEY)
+    m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, WRAPPER_KEY, begin_run)
     if not hasattr(m, "model_patches_call_function"):
         # a host whose patcher does not clean its patches up: the same call, from its cleanup callback
         m.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY)
@@ -157,7 +161,7 @@ def set_outer_sample_wrapper(m, key: str, fn) -> None:
     """Install (once per MODEL clone and key) a wrapper around the guider's ``outer_sample``."""
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, fn)
-    ensure_cleanup(m)
+    ensure_run_hooks(m)
 
 
 def set_option(m, name: str, value) -> None:

@@ -1,10 +1,14 @@
 """Test tiers, by folder: unit (plain torch), host (ComfyUI in process), e2e (the ComfyUI
 server over HTTP), browser (the frontend in headless chromium). All run by the README's
 test command: ``python3 tools/host.py test``."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# onnxruntime (imported by face fixtures and host tests) must not contact its telemetry host
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

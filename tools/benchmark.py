@@ -70,6 +70,7 @@ ROWS = {
     "memory": "peak memory growth, MiB: unpatched / cold / cached",
     "passes": "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
     "consistentid_encode": "ConsistentID encoding of one 512 px photo, s: cold / cached",
+    "weights_key": "weights key of the feature cache: newly loaded model, s (GB/s) / each later run, ms",
 }
 
 
@@ -624,6 +625,23 @@ def dit_main(args, device: torch.device, dtype: torch.dtype, start: float) -> in
     return 0
 
 
+def weights_key_cost(model, width: int) -> tuple[float, float, float]:
+    """(seconds to key a newly loaded model: every tensor hashed, GB hashed, milliseconds of the
+    once-per-run walk that finds nothing new) for the MODEL's training-free reference net."""
+    from IDFusion.models import fingerprint
+    refnet = E.training_free_features(model, E.identity(1, width=width)).refnet
+    before = fingerprint.stats()["bytes_hashed"]
+    fingerprint.begin_run()
+    start = time.perf_counter()
+    fingerprint.weights_fingerprint(model.model, refnet)
+    cold = time.perf_counter() - start
+    hashed = (fingerprint.stats()["bytes_hashed"] - before) / 1e9
+    fingerprint.begin_run()
+    start = time.perf_counter()
+    fingerprint.weights_fingerprint(model.model, refnet)
+    return cold, hashed, 1000 * (time.perf_counter() - start)
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 def _ratio(value: float) -> str:
@@ -635,7 +653,8 @@ def _mib(value: float) -> str:
 
 
 def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int,
-                  encoding: tuple[float, float] | None = None) -> str:
+                  encoding: tuple[float, float] | None = None,
+                  weights_key: tuple[float, float, float] | None = None) -> str:
     head = "| measure | size | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |"
     lines = [head, "|" + "---|" * (2 + len(refs))]
 
@@ -665,6 +684,9 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
     if encoding is not None:
         row("consistentid_encode", "512 px", [f"{encoding[0]:.2f} / {encoding[1]:.3f}"] * len(refs))
+    if weights_key is not None:
+        cold, hashed, walk = weights_key
+        row("weights_key", "–", [f"{cold:.2f} ({hashed / cold:.2f}) / {walk:.1f}"] * len(refs))
     return "\n".join(lines)
 
 
@@ -777,6 +799,8 @@ def main(argv=None) -> int:
     model, width = build_model(args.quick, device, dtype)
     log(f"{'tiny' if args.quick else 'full-size'} SD1.5 UNet built in {time.monotonic() - start:.1f} s on "
         f"{device_words(device)}, host attention {host_attention_name()}")
+    weights_key = weights_key_cost(model, width)
+    log(f"weights key: {weights_key[1]:.2f} GB hashed in {weights_key[0]:.2f} s, then {weights_key[2]:.1f} ms per run")
 
     measured, patched = {}, {}
     cid_weights = consistentid_weights(args.quick)
@@ -795,7 +819,7 @@ def main(argv=None) -> int:
     encoding = consistentid_encoding(cid_weights, args.quick)
     log(f"ConsistentID encoding: {encoding[0]:.2f} s, then {encoding[1]:.3f} s from the cache")
 
-    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, encoding)
+    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, encoding, weights_key)
     header = (f"# IDFusion benchmark: {device_words(device)}\n\n"
               f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
               f"{'tiny' if args.quick else 'full-size'} random SD1.5 UNet, {str(dtype).replace('torch.', '')}; "
@@ -820,7 +844,11 @@ def main(argv=None) -> int:
              "official strengths. Its encoding (ArcFace, BiSeNet, CLIP-ViT-H of the photo and up to five regions, "
              "FacialEncoder, ID projection; random full-size weights, synthetic buffalo_l) runs once per photo and "
              "is then served by its content cache.\n"
-             f"- {memory_note(device)}\n")
+             f"- {memory_note(device)}\n"
+             "- *weights key*: what keying the feature cache by the exact weights costs (models/fingerprint.py): "
+             "once per newly loaded model every tensor is hashed on its load device (CPU: SHA-256, threads as "
+             "torch's; CUDA: exact integer row sums on the device), then each sampling run only walks the tensors "
+             "(memoized by identity). Measured on this UNet before any other case.\n")
     document = f"{header}\n{table}\n\n{notes}\n## Timings\n\n{raw_table(args.sizes, measured)}\n"
     print(table, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

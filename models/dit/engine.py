@@ -26,7 +26,7 @@ import torch
 from ..engine import GUIDANCE, MODE_PER_ITEM, Routing, SpecCall, _row_strength, row_conds, row_items, spec_active, \
     weights_fingerprint
 from ..feature_cache import FEATURE_CACHE, CacheKey
-from ..references import ReferenceFeatures, ReferenceIdentity, Shared
+from ..references import ReferenceFeatures, ReferenceIdentity, ReferenceNet, Shared
 from .families import Family, family_of, reference_method
 from .reference_pass import FeatureKey, reference_pass
 
@@ -36,6 +36,8 @@ RUN = "idfusion_dit_run"
 OVERRIDE = "optimized_attention_override"
 #: What the training-free pass runs with; the weights fingerprint adds the model's own weights.
 SOURCE = "dit-training-free"
+#: What encodes DiT references, for the weights key: the sampled DiT itself (no weights of its own).
+SELF_ENCODED = ReferenceNet(SOURCE, "the sampled DiT (training-free)")
 
 BlockKey = tuple[str, int, int]
 
@@ -53,6 +55,7 @@ class ReferenceSpec(Shared):
     routing: Routing = field(default_factory=Routing)
     timestep_zero: bool = False
     kind: str = "reference"
+    node: str = "IDFusionDiTReferenceAttention"    # named in errors found only at sampling time
 
     def needs(self) -> set[FeatureKey]:
         return {(b, kind) for b in self.blocks for kind in ("k", "v")}
@@ -150,7 +153,7 @@ def identity_features(base_model, ident: ReferenceIdentity, sigma: float, guidan
     family = family_of(base_model)
     method, scale = reference_method(base_model.diffusion_model, family)
     timestep = float(base_model.model_sampling.timestep(torch.tensor([sigma])).float()[0])
-    key = CacheKey(ident.digest, weights_fingerprint(base_model, SOURCE), round(timestep, 4),
+    key = CacheKey(ident.digest, weights_fingerprint(base_model, SELF_ENCODED), round(timestep, 4),
                    _context_key(ident, family, method, scale, guidance))
     keep = run is not None and sigma == 0
     if keep and key in run.features and needed <= run.features[key].keys():

@@ -40,6 +40,8 @@ PROVIDER_CHOICES = ("auto", *PROVIDERS)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]])
 MIN_IMAGE_SIDE = 32
+#: The smallest reference crop that can hold a face (pixels on each side).
+MIN_CROP_SIDE = 32
 SELECTIONS = ("largest", "left_to_right", "by_index", "all")
 
 
@@ -83,6 +85,20 @@ def find_pack(name: str) -> Path:
             raise FileNotFoundError(f"insightface pack '{name}' is nested one folder too deep: move the files from "
                                     f"{nested} up into {folder}")
     raise FileNotFoundError(f"insightface pack '{name}' not found: {_pack_help(name, bases)}")
+
+
+def damaged_pack_file(folder: Path) -> tuple[Path, str] | None:
+    """The first .onnx file of a pack that is not a whole ONNX model, and why (None if all are)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    for file in sorted(folder.glob("*.onnx")):
+        if file.stat().st_size == 0:
+            return file, "it is empty (0 bytes)"
+        try:
+            onnx.load_model(str(file), load_external_data=False)
+        except (DecodeError, OSError, ValueError) as error:
+            return file, f"it is not a complete ONNX model ({str(error).strip().splitlines()[0][:160]})"
+    return None
 
 
 def choose_providers(choice: str, available: list[str]) -> tuple[list[str], str | None]:
@@ -221,10 +237,19 @@ def _box_kps(bbox) -> np.ndarray:
     return ARCFACE_TEMPLATE / 112.0 * [x2 - x1, y2 - y1] + [x1, y1]
 
 
+def import_onnxruntime():
+    """onnxruntime, with its telemetry off: it looks up an outside host and writes a device id under
+    the home folder when first imported unless ORT_DISABLE_TELEMETRY is set (the pack's
+    ``__init__`` sets it when ComfyUI loads the pack; this covers any other way in)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+    return onnxruntime
+
+
 def load_analyzer(name: str, provider: str = "auto", det_size: int = 640) -> FaceAnalyzer:
     """Load pack ``name`` from the insightface model folder on the chosen provider (CPU fallback)."""
     folder = find_pack(name)
-    import onnxruntime
+    onnxruntime = import_onnxruntime()
     from insightface.app import FaceAnalysis
     providers, problem = choose_providers(provider, onnxruntime.get_available_providers())
     try:
@@ -232,6 +257,13 @@ def load_analyzer(name: str, provider: str = "auto", det_size: int = 640) -> Fac
     except AssertionError as error:
         raise FileNotFoundError(f"insightface pack '{name}' in {folder} has no detection model: "
                                 f"{_pack_help(name, [str(folder.parent.parent)])}") from error
+    except Exception as error:
+        damaged = damaged_pack_file(folder)
+        if damaged is None:
+            raise
+        file, reason = damaged
+        raise ValueError(f"insightface pack '{name}': {file.name} is damaged: {reason}; the file is truncated or "
+                         f"corrupt; {_pack_help(name, [str(folder.parent.parent)])}") from error
     app.prepare(ctx_id=0, det_size=(det_size, det_size))
     running = app.det_model.session.get_providers()[0]
     missing = [t for t in TASKS[1:] if t not in app.models]
@@ -337,6 +369,22 @@ def arcface_crop(image: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndar
     """ArcFace-aligned crop [size, size, 3] of a float image [H, W, 3] (insightface's norm_crop)."""
     import cv2
     return cv2.warpAffine(image, arcface_transform(kps, size), (size, size), borderValue=(0, 0, 0))
+
+
+def face_crops(images: torch.Tensor, label: str) -> torch.Tensor:
+    """Face crops [N, H, W, C] (C = 1, 3 or 4) as RGB [N, H, W, 3]: grayscale repeated, RGBA
+    composited on black (transparent is black, like FlashFace's padding). ValueError, starting with
+    ``label``, for crops too small to hold a face."""
+    height, width = images.shape[1:3]
+    if min(height, width) < MIN_CROP_SIDE:
+        raise ValueError(f"{label} is {width}×{height} pixels (w×h); a face crop needs at least {MIN_CROP_SIDE} "
+                         f"pixels on each side: connect face crops, e.g. the 'crops' output of 'IDFusion Face Detect'")
+    images = images.float()
+    if images.shape[-1] == 1:
+        return images.expand(-1, -1, -1, 3)
+    if images.shape[-1] == 4:
+        return images[..., :3] * images[..., 3:].clamp(0, 1)
+    return images
 
 
 def pad_to_square(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -89,19 +89,29 @@ class FaceParser:
 
 
 def load_parser(name: str = DEFAULT_MODEL) -> FaceParser:
-    """BiSeNet from the facexlib model folder, loaded safely (weights only)."""
+    """BiSeNet from the facexlib model folder, loaded safely (weights only). ValueError names a
+    damaged file or one that is not a BiSeNet."""
     path = find_model(name)
-    import comfy.utils
     from facexlib.parsing.bisenet import BiSeNet
 
+    from ..files import WeightFileError, load_state_dict
     from ..host_patcher import wrap
-    state = comfy.utils.load_torch_file(str(path), safe_load=True)
+    try:
+        state = load_state_dict(path)
+    except WeightFileError as error:
+        raise ValueError(f"{error}. It belongs in {path.parent}: facexlib's {DEFAULT_MODEL}") from error
     model = BiSeNet(num_class=len(LABELS))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path.name} is not a facexlib BiSeNet face-parsing model with {len(LABELS)} labels: it "
+                         f"lacks {len(missing)} of its {len(expected)} tensors (e.g. {missing[:3]}) and has "
+                         f"{len(unexpected)} it does not know (e.g. {unexpected[:3]}); use facexlib's {DEFAULT_MODEL}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path} is not a facexlib BiSeNet face-parsing model with {len(LABELS)} labels: "
-                         f"{str(error).splitlines()[0]}; use facexlib's {DEFAULT_MODEL}") from error
+        raise ValueError(f"{path.name} is not a facexlib BiSeNet face-parsing model with {len(LABELS)} labels: "
+                         f"{str(error).splitlines()[-1].strip()}; use facexlib's {DEFAULT_MODEL}") from error
     patcher = wrap(model.requires_grad_(False))
     logger.info("IDFusion face parsing loaded from %s", path)
     return FaceParser(patcher, name)

@@ -134,24 +134,44 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
                      f"{', '.join(PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES)} files. {WHAT_TO_DO}")
 
 
+def _first_line(error: BaseException) -> str:
+    """A reader's error in one line, e.g. "PytorchStreamReader failed reading zip archive: failed
+    finding central directory"."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text.split(". This is an internal")[0].rstrip(".")[:160]
+
+
+def _damaged(path: Path, reason: str) -> ValueError:
+    return ValueError(f"{path.name} is damaged: {reason}; the file is truncated or corrupt, download (or copy) it "
+                      f"again. {WHAT_TO_DO}")
+
+
 def _read_safetensors(path: Path) -> LazySafetensors:
+    if path.stat().st_size == 0:
+        raise _damaged(path, "it is empty (0 bytes)")
     try:
         return LazySafetensors(path)
-    except SafetensorError as e:
-        raise ValueError(f"{path.name}: not a readable .safetensors file ({e}). {WHAT_TO_DO}") from e
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, f"it is not a complete .safetensors file ({_first_line(e)})") from e
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``. A file that fails is damaged (empty, truncated, corrupt) or
+    refused (pickled objects other than tensors: only an unsafe load could build them)."""
+    if path.stat().st_size == 0:
+        raise _damaged(path, "it is empty (0 bytes)")
     mmap = zipfile.is_zipfile(path)
     if not mmap:
         log.warning("%s is not a zip checkpoint: it is read into memory whole", path.name)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        log.debug("torch.load(%s, weights_only=True) failed: %s", path, e)
-        reason = "the file is empty" if path.stat().st_size == 0 else \
-            "it is not a plain tensor state dict (loading other pickled objects is unsafe and refused)"
-        raise ValueError(f"{path.name}: cannot be read as a checkpoint: {reason}. {WHAT_TO_DO}") from e
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise ValueError(f"{path.name} holds pickled objects other than tensors; loading them is unsafe and "
+                             f"refused. {WHAT_TO_DO}") from e
+        raise _damaged(path, f"it cannot be read as a checkpoint ({_first_line(e)})") from e
+    except (EOFError, RuntimeError, UnicodeDecodeError, ValueError, OSError) as e:
+        raise _damaged(path, f"it cannot be read as a checkpoint ({_first_line(e)})") from e
     return _tensors_of(obj, path.name)
 
 

@@ -12,6 +12,8 @@ the width of its cross-attention keys (``attn2.to_k`` output). SD1.5: 320/640/12
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -29,21 +31,23 @@ class AdapterLayers(torch.nn.Module):
 
 def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
     """({block: (Linear_kf, Linear_vf)}, ModelPatcher) for the blocks in ``dims``
-    (block → (hidden_dim, inner_dim)). Raises ValueError naming missing or misshapen keys."""
+    (block → (hidden_dim, inner_dim)). Raises ValueError naming the file and its missing or
+    misshapen keys, or saying it is damaged."""
     import comfy.model_management as mm
     import comfy.ops
-    from safetensors import safe_open
 
+    from ..files import open_safetensors
     from ..host_patcher import wrap
 
-    with safe_open(path, framework="pt") as f:
+    name = os.path.basename(path)
+    with open_safetensors(path) as f:
         keys = set(f.keys())
         missing = [adapter_key(b, f"to_{kv}_face.weight") for b in dims for kv in "kv"
                    if adapter_key(b, f"to_{kv}_face.weight") not in keys]
         if missing:
             found = sorted(keys)[:6]
-            raise ValueError(f"IDFusionFusedKV: adapter {path} lacks {len(missing)} key(s) for the chosen blocks, e.g. "
-                             f"{missing[:4]}; found {found}. Expected '<block>.<number>.<index>.to_k_face.weight' and "
+            raise ValueError(f"{name} lacks {len(missing)} key(s) for the chosen blocks, e.g. {missing[:4]}; found "
+                             f"{found}. Expected '<block>.<number>.<index>.to_k_face.weight' and "
                              f"'….to_v_face.weight' per block (see README), or choose blocks the adapter covers")
         tensors = {k: f.get_tensor(k) for k in keys}
     dtype = base_model.get_dtype()
@@ -55,8 +59,9 @@ def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
         for kv in "kv":
             weight = tensors[adapter_key(block, f"to_{kv}_face.weight")]
             if tuple(weight.shape) != (inner, hidden):
-                raise ValueError(f"IDFusionFusedKV: adapter key {adapter_key(block, f'to_{kv}_face.weight')} has shape "
-                                 f"{tuple(weight.shape)}, expected {(inner, hidden)} for this model")
+                raise ValueError(f"{name}: key {adapter_key(block, f'to_{kv}_face.weight')} has shape "
+                                 f"{tuple(weight.shape)}, expected {(inner, hidden)} for this model; use an adapter "
+                                 f"trained for this model family")
             bias = tensors.get(adapter_key(block, f"to_{kv}_face.bias"))
             name = f"{block[0]}_{block[1]}_{block[2]}_{kv}"
             layers[name] = operations.Linear(hidden, inner, bias=bias is not None, dtype=dtype, device=offload)
@@ -66,4 +71,4 @@ def load_adapter(path: str, dims: dict, base_model) -> tuple[dict, object]:
             pair.append(layers[name])
         pairs[block] = tuple(pair)
     holder = AdapterLayers(layers).requires_grad_(False)
-    return pairs, wrap(holder, sd, f"IDFusionFusedKV: adapter {path}")
+    return pairs, wrap(holder, sd, name)

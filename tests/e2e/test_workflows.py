@@ -38,6 +38,8 @@ def test_workflow_runs_end_to_end(server, prepared, artifacts, name):
     assert execution_error(entry) is None, f"{name}: {execution_error(entry)}\n{server.log_tail(3000)}"
     saved = [p for p in server.output_images(entry) if "IDFusion" in str(p)]
     assert saved, f"{name} saved no image"
+    assert server.outbound() == [], f"{name}: connections that would leave the machine (socket audit)"
+    assert server.stray_files() == [], f"{name}: files written outside ComfyUI's folders"
     for path in saved:
         with Image.open(path) as image:
             assert image.size == (SIZE, SIZE)

@@ -130,7 +130,9 @@ def test_bad_masks_are_clear_errors(sd15):
     with pytest.raises(ValueError, match="identity_masks.*identity_mode"):
         fused(sd15, features, mode=MIX, masks=id_masks(halves(64, 64)))
     tall = fused(sd15, features, mode=REGION, masks=id_masks(halves(256, 64)))
-    with pytest.raises(ValueError, match="identity masks is 64×256"):
+    with pytest.raises(ValueError, match=r"^IDFusion Fused KV: 'identity_masks' is 64×256 \(w×h\) but the image "
+                                         r"being generated is 128×128; set the width and height of 'IDFusion Multi-ID "
+                                         r"Masks' to the image size"):
         E.sample(tall, steps=1)
 
 

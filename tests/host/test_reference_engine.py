@@ -255,5 +255,5 @@ def test_position_mask_of_the_wrong_aspect_ratio_fails_naming_the_input(sd15):
     mask = torch.zeros(128, 64)
     mask[10:40, 10:40] = 1
     patched = patch_reference(sd15, features, position_mask=mask)
-    with pytest.raises(ValueError, match="face position mask is 64×128"):
+    with pytest.raises(ValueError, match=r"^IDFusion Reference Attention: 'position_mask' is 64×128 \(w×h\)"):
         E.sample(patched, steps=1)

@@ -21,15 +21,23 @@ PACK = "IDFusion"
 #: several checkouts can share one provisioned host.
 CUSTOM_NODES = ROOT / ".cache" / "custom_nodes"
 PACK_LINK = CUSTOM_NODES / PACK
+#: Test-only nodes that test servers load beside the pack (tests/idf_testlib/server_nodes).
+TEST_NODES = Path(__file__).resolve().parent / "server_nodes"
+TEST_NODES_LINK = CUSTOM_NODES / "idfusion_test_nodes"
+
+
+def _link(link: Path, target: Path) -> None:
+    if not (link.is_symlink() and link.resolve() == target):
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
 
 
 def ensure_pack_link() -> Path:
-    """Make ``PACK_LINK`` point at this checkout; returns it."""
+    """Make ``PACK_LINK`` point at this checkout (and the test nodes' link at them); returns it."""
     CUSTOM_NODES.mkdir(parents=True, exist_ok=True)
-    if not (PACK_LINK.is_symlink() and PACK_LINK.resolve() == ROOT):
-        if PACK_LINK.is_symlink():
-            PACK_LINK.unlink()
-        PACK_LINK.symlink_to(ROOT, target_is_directory=True)
+    _link(PACK_LINK, ROOT)
+    _link(TEST_NODES_LINK, TEST_NODES)
     return PACK_LINK
 
 

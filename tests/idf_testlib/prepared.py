@@ -112,11 +112,24 @@ def stand_ins() -> dict[str, np.ndarray]:
     }
 
 
+def test_photos() -> dict[str, np.ndarray]:
+    """Marker photos server tests use by name (tests/idf_testlib/prompts.py): four of person A, two of
+    person B (another marker colour), each a little different; a driving pose."""
+    photos = {}
+    for person, green, count in (("a", 0, 4), ("b", 20, 2)):
+        for i in range(1, count + 1):
+            face = faces.MarkerFace(cx=96 + 4 * i, cy=110, width=60 + 2 * i, height=80 + 2 * i, roll=3 * i, green=green)
+            photos[f"idfusion_person_{person}_{i}.png"] = faces.scene(224, 192, [face], seed=i)
+    photos["idfusion_driving_pose.png"] = faces.scene(320, 320, [faces.MarkerFace(160, 150, 90, 120, roll=-15)], seed=7)
+    return photos
+
+
 def place_photos(input_dir: Path) -> list[Path]:
-    """Write the stand-ins into a server's input folder (JPEGs at full quality: the marker colour survives)."""
+    """Write the stand-ins and the test photos into a server's input folder (JPEGs at full quality:
+    the marker colour survives)."""
     from PIL import Image
     written = []
-    for name, image in stand_ins().items():
+    for name, image in {**stand_ins(), **test_photos()}.items():
         path = Path(input_dir) / name
         Image.fromarray(image).save(path, quality=100, subsampling=0)
         written.append(path)

@@ -201,5 +201,7 @@ def test_fit_to_latent_rejects_another_aspect_ratio_naming_both_sizes():
     message = str(err.value)
     assert "identity masks is 72×72 (w×h)" in message
     assert "104×72" in message                   # the image being generated, w×h
-    with pytest.raises(ValueError, match=r"mask is 512×768 \(w×h\) but the image being generated is 768×512"):
+    with pytest.raises(ValueError, match=r"mask is 512×768 \(w×h\) but the image being generated is 768×512; make it"):
         fit_to_latent(torch.ones(768, 512), 64, 96)
+    with pytest.raises(ValueError, match="; set the size"):
+        fit_to_latent(torch.ones(768, 512), 64, 96, fix="set the size")
