@@ -35,19 +35,23 @@ class Graph(Builder):
         self.negative = self.add("CLIPTextEncode", title="Negative prompt", text=NEGATIVE, clip=self.ckpt["CLIP"])
         self.analyzer = self.add("IDFusionFaceAnalysisLoader", pack="antelopev2", provider="auto", det_size=640)
 
-    def identity(self, photos: list[str], label: str):
-        """Photos of one person → face crops (one per photo) → an identity."""
+    def identity(self, photos: list[str], label: str, min_score: float = 0.5):
+        """Photos of one person → face crops (one per photo) → an identity (FlashFace: min_score 0.6,
+        the official detection threshold)."""
         crops = None
         for photo in photos:
             image = self.add("LoadImage", title=f"{label}: {photo}", image=photo)
             faces = self.add("IDFusionFaceDetect", analyzer=self.analyzer[0], image=image["IMAGE"],
-                             selection="largest", crop_size=224)
+                             selection="largest", min_score=min_score, crop_size=224)
             crops = faces[1] if crops is None else self.add("ImageBatch", image1=crops, image2=faces[1])["IMAGE"]
         return self.add("IDFusionIdentity", title=label, crops=crops, label=label, size=224)[0]
 
-    def features(self, refnet, identity):
+    def features(self, refnet, identity, flashface: bool = False):
+        """Face Features; with FlashFace weights the reference pass runs with the negative prompt
+        (the official reference context), training-free with the empty prompt (CLIP)."""
+        context = {"negative": self.negative[0]} if flashface else {"clip": self.ckpt["CLIP"]}
         return self.add("IDFusionFaceFeatures", reference_net=refnet["REFERENCE_NET"], vae=self.ckpt["VAE"],
-                        clip=self.ckpt["CLIP"], identity=identity, size=224, disk_cache=False)["FEATURES"]
+                        identity=identity, size=224, disk_cache=False, **context)["FEATURES"]
 
     def ksampler(self, model, width: int, height: int, prefix: str, steps: int = 25, cfg: float = 7.0):
         latent = self.add("EmptyLatentImage", width=width, height=height, batch_size=1)
@@ -57,12 +61,13 @@ class Graph(Builder):
         self.save(out["LATENT"], prefix)
 
     def guided(self, model, width: int, height: int, prefix: str, steps: int = 25):
-        """FlashFace's sampling: three-way reference guidance, DDIM with uniform ('trailing') spacing."""
+        """FlashFace's sampling: three-way reference guidance, DDIM with the 'simple' scheduler (the
+        official 'trailing' timesteps 999, 959, …, 39 for 25 steps)."""
         guider = self.add("IDFusionReferenceGuider", model=model, positive=self.positive[0], negative=self.negative[0],
                           text_scale=7.5, reference_scale=2.0, lambda_before=0.85, launch_timestep=750, rescale=0.5)
         latent = self.add("EmptyLatentImage", width=width, height=height, batch_size=1)
         sampler = self.add("KSamplerSelect", sampler_name="ddim")
-        sigmas = self.add("BasicScheduler", model=model, scheduler="ddim_uniform", steps=steps, denoise=1.0)
+        sigmas = self.add("BasicScheduler", model=model, scheduler="simple", steps=steps, denoise=1.0)
         noise = self.add("RandomNoise", noise_seed=42)
         out = self.add("SamplerCustomAdvanced", noise=noise["NOISE"], guider=guider["GUIDER"],
                        sampler=sampler["SAMPLER"], sigmas=sigmas["SIGMAS"], latent_image=latent["LATENT"])
@@ -82,8 +87,8 @@ def flashface_four_references(info) -> dict:
            "(all zero = anywhere). Strength 0.75–1 and reference scale 2–2.5 balance likeness and prompt.")
     g.base("a photo of a man wearing a suit, standing in a park, autumn, soft light")
     refnet = g.add("IDFusionReferenceNetLoader", model=g.ckpt["MODEL"], weights=FLASHFACE)
-    identity = g.identity([f"idfusion_person_a_{i}.png" for i in range(1, 5)], "person A")
-    features = g.features(refnet, identity)
+    identity = g.identity([f"idfusion_person_a_{i}.png" for i in range(1, 5)], "person A", min_score=0.6)
+    features = g.features(refnet, identity, flashface=True)
     position = g.add("IDFusionFacePositionMask", width=768, height=768, x1=0.3, y1=0.1, x2=0.6, y2=0.4)
     model = g.add("IDFusionReferenceAttention", model=refnet["MODEL"], features=features, strength=0.85,
                   blocks="auto (FlashFace: decoder)", position_mask=position["MASK"])
@@ -111,8 +116,8 @@ def identity_mixing(info) -> dict:
            "'IDFusion Combine Identities' to slide from one person to the other.")
     g.base("a photo of a person smiling, close-up portrait, natural light")
     refnet = g.add("IDFusionReferenceNetLoader", model=g.ckpt["MODEL"], weights=FLASHFACE)
-    a = g.features(refnet, g.identity(["idfusion_person_a_1.png", "idfusion_person_a_2.png"], "person A"))
-    b = g.features(refnet, g.identity(["idfusion_person_b_1.png", "idfusion_person_b_2.png"], "person B"))
+    a = g.features(refnet, g.identity(["idfusion_person_a_1.png", "idfusion_person_a_2.png"], "person A", 0.6), True)
+    b = g.features(refnet, g.identity(["idfusion_person_b_1.png", "idfusion_person_b_2.png"], "person B", 0.6), True)
     mixed = g.add("IDFusionCombineIdentities", features_1=a, weight_1=0.5, features_2=b, weight_2=0.5)
     model = g.add("IDFusionReferenceAttention", model=refnet["MODEL"], features=mixed["FEATURES"], strength=0.85,
                   identity_mode="mix (weights)")
