@@ -100,7 +100,7 @@ class SpecCall:
     row_strength: torch.Tensor                                  # [B] λ (or weight) per row, 0 = off; device
     refs: list[dict[FeatureKey, torch.Tensor]]                  # per identity: (block, kind) → [1, N·L, C]
     latent_hw: tuple[int, int]
-    row_strength_host: torch.Tensor | None = None               # [B] the same on the CPU
+    row_strength_host: torch.Tensor                             # [B] the same on the CPU
     per_item: torch.Tensor | None = None                        # [B] identity index per row (MODE_PER_ITEM), CPU
     counts: list = field(default_factory=list)                  # per identity: ((references, log m), …) or None
     alphas: dict = field(default_factory=dict)                  # seq_len → (α [B|1, L|1, M] device, used, ones)

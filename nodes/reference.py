@@ -54,10 +54,11 @@ def resolve_context(choice: str, refnet_kind: str) -> str:
 
 
 def _adm(model_patcher, extra: dict, size: int) -> torch.Tensor | None:
-    """The ADM vector of a text encoding (SDXL-style models), None for SD1.5."""
-    y = model_patcher.model.encode_adm(pooled_output=extra.get("pooled_output"), width=size, height=size, crop_w=0,
-                                       crop_h=0, target_width=size, target_height=size, device="cpu",
-                                       **{k: v for k, v in extra.items() if k != "pooled_output"})
+    """The ADM vector of a text encoding (SDXL-style models; its pooled output, sizes of the
+    reference crop), None for SD1.5."""
+    params = dict(extra, pooled_output=extra.get("pooled_output"), width=size, height=size, crop_w=0, crop_h=0,
+                  target_width=size, target_height=size, device="cpu")
+    y = model_patcher.model.encode_adm(**params)
     return None if y is None else y.float().cpu()
 
 

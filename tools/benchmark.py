@@ -60,6 +60,7 @@ ROWS = {
     "fused_2_masked": "fused KV, 2 identities, masked (× unpatched, cached)",
     "memory": "peak memory growth, MiB: unpatched / cold / cached",
     "passes": "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
+    "syncs": "host-device synchronisations in one cached call (CUDA; target 1: the timestep)",
 }
 
 
@@ -363,6 +364,32 @@ def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, d
     return cases, patched
 
 
+def count_syncs(run: Callable[[], object]) -> int:
+    """Host-device synchronisations during ``run`` on CUDA, as ``torch.cuda.set_sync_debug_mode``
+    reports them (one warning each)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            torch.cuda.current_stream().synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def call_syncs(patched, width: int, size: int, device, dtype) -> int:
+    """Synchronisations in one cached call of a patched MODEL at batch 2."""
+    model = patched.model
+    sigma = float(model.model_sampling.percent_to_sigma(0.5))
+    timestep = float(model.model_sampling.timestep(torch.tensor([sigma])).float()[0])
+    plan_features(patched, timestep, device, dtype)
+    inputs = make_inputs(2, size // 8, width, sigma, device, dtype)
+    apply_model(patched, inputs)                                     # memos (fingerprint, percent sigmas) filled
+    return count_syncs(lambda: apply_model(patched, inputs))
+
+
 def sampling_passes(patched, width: int, size: int, steps: int) -> tuple[int, int]:
     """Reference passes counted in two identical short samplings (comfy.sample.sample, cfg > 1)."""
     from IDFusion.models.feature_cache import FEATURE_CACHE
@@ -386,7 +413,8 @@ def _mib(value: float) -> str:
     return f"{value / 2 ** 20:.0f}"
 
 
-def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int) -> str:
+def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int,
+                  syncs: dict | None = None) -> str:
     head = "| measure | size | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |"
     lines = [head, "|" + "---|" * (2 + len(refs))]
 
@@ -409,6 +437,8 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         row("memory", label, [f"{_mib(unpatched.peak)} / {_mib(peak('cold', n))} / {_mib(peak('cached', n))}"
                               for n in refs])
     row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
+    if syncs:
+        row("syncs", f"{sizes[0]} px", [str(syncs[n]) for n in refs])
     return "\n".join(lines)
 
 
@@ -526,7 +556,12 @@ def main(argv=None) -> int:
         passes[n] = sampling_passes(patched[("reference", n)], width, args.sampling_size, args.steps)
         log(f"sampling, N={n}: reference passes {passes[n][0]} then {passes[n][1]}")
 
-    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size)
+    syncs = {}
+    if device.type == "cuda":
+        for n in args.refs:
+            syncs[n] = call_syncs(patched[("reference", n)], width, args.sizes[0], device, dtype)
+            log(f"synchronisations in one cached call, N={n}: {syncs[n]}")
+    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, syncs)
     header = (f"# IDFusion benchmark: {device_words(device)}\n\n"
               f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
               f"{'tiny' if args.quick else 'full-size'} random SD1.5 UNet, {str(dtype).replace('torch.', '')}; "

@@ -142,3 +142,16 @@ def test_counted_references_equal_the_explicitly_padded_references(flashface, n)
     scale = float(outputs["padded"].abs().max())
     assert float((outputs["counted"] - outputs["padded"]).abs().max()) <= 1e-5 * scale
     assert float((outputs["once"] - outputs["padded"]).abs().max()) > 1e-3 * scale
+
+
+def test_an_sdxl_negative_gives_the_adm_vector_of_the_reference_crop(vae):
+    """SDXL-style models: the pooled output of the negative CONDITIONING, at the crop's size (the
+    conditioning's own width/height keys do not clash)."""
+    sdxl = models.tiny_sdxl()
+    refnet = E.training_free_features(sdxl, E.identity(1)).refnet
+    pooled = torch.randn(1, 1280, generator=E.gen(2))
+    negative = [[E.context(1), {"pooled_output": pooled, "width": 1024, "height": 1024}]]
+    ident = features(refnet, vae, negative, context=NEGATIVE).identities[0]
+    want = sdxl.model.encode_adm(pooled_output=pooled, width=REF_PX, height=REF_PX, crop_w=0, crop_h=0,
+                                 target_width=REF_PX, target_height=REF_PX, device="cpu")
+    assert torch.equal(ident.y, want.float())
