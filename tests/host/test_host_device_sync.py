@@ -54,6 +54,18 @@ def call(base_model, patcher, x, sigma, context, guidance=None):
     return base_model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
 
 
+def meta_copy(base_model):
+    """The BaseModel with copies of its modules on meta (the model config is shared: newer hosts'
+    configs cannot be deep-copied), the original untouched."""
+    meta = object.__new__(type(base_model))
+    meta.__dict__ = dict(base_model.__dict__)
+    meta._modules = {name: copy.deepcopy(module).to("meta") for name, module in base_model._modules.items()}
+    meta._parameters = {name: torch.nn.Parameter(p.to("meta"), p.requires_grad)
+                        for name, p in base_model._parameters.items()}
+    meta._buffers = {name: b.to("meta") for name, b in base_model._buffers.items()}
+    return meta
+
+
 def run_on_meta(patcher, monkeypatch, guidance=None, meta_patcher=None) -> None:
     """The patched call on the CPU (fills the cache), then on meta (``meta_patcher``: the same
     plan with the pack's own weights on meta; default ``patcher``)."""
@@ -68,7 +80,7 @@ def run_on_meta(patcher, monkeypatch, guidance=None, meta_patcher=None) -> None:
     fingerprint = engine.weights_fingerprint
     monkeypatch.setattr(engine, "step_values", lambda base_model, s: on_host)
     monkeypatch.setattr(engine, "weights_fingerprint", lambda base_model, source: fingerprint(patcher.model, source))
-    meta_model = copy.deepcopy(patcher.model).to("meta")
+    meta_model = meta_copy(patcher.model)
     passes = engine.FEATURE_CACHE.stats()["reference_passes"]
     out = call(meta_model, meta_patcher or patcher, x.to("meta"), sigma.to("meta"), context.to("meta"), guidance)
     assert out.device.type == "meta" and out.shape == cpu_out.shape
