@@ -62,6 +62,7 @@ else:
     from .nodes import NODES
     from .nodes.api import ComfyExtension
     from .nodes.routes import register_routes
+    from .nodes.samples import install_samples
 
     class IDFusionExtension(ComfyExtension):
         async def get_node_list(self):
@@ -69,4 +70,5 @@ else:
 
     async def comfy_entrypoint() -> IDFusionExtension:
         register_routes()
+        install_samples()
         return IDFusionExtension()

@@ -44,14 +44,33 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference implementation on ``[B, H, L, D]`` tensors, chunked over queries."""
+def as_additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as an additive bias: boolean (True = attend) → 0 / −inf; floats as they are."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _bias_rows(bias: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Query rows ``start:stop`` of a bias broadcastable to ``[B, H, Lq, Lk]``."""
+    bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+    return bias if bias.shape[2] == 1 else bias[:, :, start:stop]
+
+
+def attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference implementation on ``[B, H, L, D]`` tensors, chunked over queries. ``bias``: an
+    additive (or boolean) mask broadcastable to ``[B, H, Lq, Lk]``, as the host passes them."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     acc = accumulation_dtype(q.dtype)
+    if bias is not None:
+        bias = as_additive_bias(bias, acc)
     outs, lses = [], []
     for start in range(0, q.shape[2], FALLBACK_QUERY_CHUNK):
         qc = q[:, :, start:start + FALLBACK_QUERY_CHUNK].to(acc)
         scores = torch.matmul(qc, k.to(acc).transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + _bias_rows(bias, start, start + qc.shape[2])
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
         outs.append(torch.matmul(probs, v.to(acc)).to(q.dtype))
@@ -80,13 +99,17 @@ def _kernel_for(device: torch.device):
     return None
 
 
-def attention_lse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_lse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with log-sum-exp on ``[B, H, L, D]`` tensors: ``(out [B,H,Lq,D], lse [B,H,Lq])``.
 
     Uses torch's fused kernels that expose the log-sum-exp (CPU flash, CUDA flash or
     memory-efficient); any other device, or a kernel that refuses the input, falls back to
-    a chunked plain-torch computation (logged once per reason).
+    a chunked plain-torch computation (logged once per reason). With a ``bias`` (see
+    ``attention_lse_math``) it is the plain-torch computation.
     """
+    if bias is not None:
+        return attention_lse_math(q, k, v, bias)
     kernel = _kernel_for(q.device)
     if kernel is not None:
         try:

@@ -23,6 +23,7 @@ sampling) drops what a patch keeps between calls.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +34,51 @@ from ..attention.routing import fit_to_latent, query_weights
 from .engine import CALL, MODE_REGION, SpecCall
 from .references import FlashFaceModules, Shared
 
+logger = logging.getLogger("IDFusion")
+
+
+#: The host's attention functions that add a float mask (−inf included) to every score, exactly.
+#: Others (flash, sage, comfy-kitchen int8, overrides set by other nodes) may drop or approximate
+#: a mask: routed calls then go to the host's PyTorch attention, which applies it.
+MASK_EXACT = frozenset({"attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch",
+                        "attention_xformers"})
+OVERRIDE = "optimized_attention_override"
+_fallback_logged: set[str] = set()
+
+
+def _backend_name(fn) -> str:
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return getattr(fn, "__name__", repr(fn))
+
+
+def masked_backend(host, extra_options: dict):
+    """(attention function, transformer_options) for a call with a routing mask: the host's own
+    masked attention when it applies masks exactly and no other node overrides it, else its
+    PyTorch attention without the override (logged once per reason)."""
+    fn = host.optimized_attention_masked
+    name = _backend_name(fn)
+    if name in MASK_EXACT and OVERRIDE not in extra_options:
+        return fn, extra_options
+    reason = f"an attention override ({_backend_name(extra_options[OVERRIDE])})" if OVERRIDE in extra_options else name
+    if reason not in _fallback_logged:
+        _fallback_logged.add(reason)
+        logger.info("IDFusion: identity routing needs exact attention masks; %s may not apply them, so routed "
+                    "cross-attention uses PyTorch attention", reason)
+    return host.attention_pytorch, {k: v for k, v in extra_options.items() if k != OVERRIDE}
+
 
 def host_attention(extra_options: dict):
-    """The host's optimized attention, called as ComfyUI's CrossAttention calls it."""
+    """The host's optimized attention, called as ComfyUI's CrossAttention calls it (masked calls:
+    see ``masked_backend``)."""
     from comfy.ldm.modules import attention as host
+    precision = extra_options.get("attn_precision")
 
     def attend(q, k, v, heads, mask=None):
         if mask is None:
-            return host.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                            transformer_options=extra_options)
-        return host.optimized_attention_masked(q, k, v, heads, mask, attn_precision=extra_options.get("attn_precision"),
-                                               transformer_options=extra_options)
+            return host.optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+        fn, options = masked_backend(host, extra_options)
+        return fn(q, k, v, heads, mask, attn_precision=precision, transformer_options=options)
     return attend
 
 

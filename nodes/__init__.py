@@ -1,5 +1,5 @@
 """Thin V3 nodes, one module per domain. ``NODES`` lists every node the pack registers."""
-from . import faces, fusion, guidance, identity, landmarks, loaders, masks, reference
+from . import consistentid, dit, faces, fusion, guidance, identity, landmarks, loaders, masks, reference
 
 NODES = [
     *loaders.NODES,
@@ -10,4 +10,6 @@ NODES = [
     *fusion.NODES,
     *masks.NODES,
     *landmarks.NODES,
+    *consistentid.NODES,
+    *dit.NODES,
 ]

@@ -35,7 +35,8 @@ class FaceAnalysisLoader(io.ComfyNode):
                              tooltip="Detector input size in pixels: images are scaled to fit this square. "
                                      "Larger finds smaller faces, slower."),
             ],
-            outputs=[types.FaceAnalyzer.Output("analyzer", tooltip="The loaded face analysis models.")],
+            outputs=[types.FaceAnalyzer.Output("analyzer", display_name="face analyzer",
+                                               tooltip="The loaded face analysis models.")],
         )
 
     @classmethod
@@ -72,11 +73,15 @@ class FaceDetect(io.ComfyNode):
                                        "cropping (0 = FlashFace's raw box)."),
             ],
             outputs=[
-                types.Faces.Output("faces", tooltip="Detections per image, with their crops."),
-                io.Image.Output("crops", tooltip="FlashFace-style crops of all selected faces, image by image."),
-                io.Image.Output("aligned", tooltip="ArcFace 112x112 aligned crops, same order."),
-                io.Mask.Output("position_mask", tooltip="Per image: FlashFace's face position squares."),
-                io.Image.Output("preview", tooltip="The images with boxes, squares and keypoints drawn."),
+                types.Faces.Output("faces", display_name="faces", tooltip="Detections per image, with their crops."),
+                io.Image.Output("crops", display_name="crops",
+                                tooltip="FlashFace-style crops of all selected faces, image by image."),
+                io.Image.Output("aligned", display_name="aligned crops",
+                                tooltip="ArcFace 112x112 aligned crops, same order."),
+                io.Mask.Output("position_mask", display_name="position mask",
+                               tooltip="Per image: FlashFace's face position squares."),
+                io.Image.Output("preview", display_name="preview",
+                                tooltip="The images with boxes, squares and keypoints drawn."),
             ],
         )
 
@@ -147,7 +152,7 @@ class FaceParsingLoader(io.ComfyNode):
                 io.Combo.Input("model", options=parsing.model_names(), default=parsing.DEFAULT_MODEL,
                                tooltip="BiSeNet weights in models/facexlib/ (facexlib's parsing_bisenet.pth)."),
             ],
-            outputs=[types.FaceParser.Output("parser", tooltip="The loaded face parser.")],
+            outputs=[types.FaceParser.Output("parser", display_name="face parser", tooltip="The loaded face parser.")],
         )
 
     @classmethod
@@ -158,7 +163,8 @@ class FaceParsingLoader(io.ComfyNode):
 class FaceParse(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        region_outputs = [io.Mask.Output(name, tooltip=f"Pixels labelled {', '.join(parsing.LABELS[i] for i in ids)}.")
+        region_outputs = [io.Mask.Output(name, display_name=f"{name} mask",
+                                         tooltip=f"Pixels labelled {', '.join(parsing.LABELS[i] for i in ids)}.")
                           for name, ids in parsing.REGIONS.items()]
         return io.Schema(
             node_id="IDFusionFaceParse",
@@ -174,8 +180,10 @@ class FaceParse(io.ComfyNode):
                                         + ", ".join(f"{i} {n}" for i, n in enumerate(parsing.LABELS))),
             ],
             outputs=[*region_outputs,
-                     io.Mask.Output("selected", tooltip="Pixels with one of the labels you listed."),
-                     io.Image.Output("preview", tooltip="The labels in colour over the image.")],
+                     io.Mask.Output("selected", display_name="selected labels mask",
+                                    tooltip="Pixels with one of the labels you listed."),
+                     io.Image.Output("preview", display_name="preview",
+                                     tooltip="The labels in colour over the image.")],
         )
 
     @classmethod

@@ -58,7 +58,8 @@ class FusedKV(io.ComfyNode):
                 types.IdentityMasks.Input("identity_masks", optional=True,
                                           tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
             ],
-            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+            outputs=[io.Model.Output(display_name="patched model",
+                                     tooltip="The patched clone; the input MODEL is untouched.")],
         )
 
     @classmethod
@@ -101,13 +102,16 @@ def patch_fused_kv(m, spec, projections) -> None:
     layers, patcher = projections
     for key in spec.blocks:
         existing = attn2_replace(m, key)
+        outer = existing if getattr(existing, "wraps_attn2", False) else None     # e.g. ConsistentID's ID tokens
+        if outer is not None:
+            existing = outer.inner
         if isinstance(existing, FusedKVPatch):
             patch = existing.with_entry(spec, layers[key], patcher)
         else:
             if existing is not None:
                 logger.warning("IDFusion: replacing another node's cross-attention patch on block %s", key)
             patch = FusedKVPatch(key, ((spec, layers[key]),), (patcher,) if patcher is not None else ())
-        set_attn2_replace(m, patch, key)
+        set_attn2_replace(m, outer.with_inner(patch) if outer is not None else patch, key)
 
 
 NODES = [FusedKV]

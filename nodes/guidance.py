@@ -81,7 +81,7 @@ class ReferenceGuider(io.ComfyNode):
                 io.Float.Input("rescale", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="CFG rescale against the text branch (official: 0.5; 0 = off)."),
             ],
-            outputs=[io.Guider.Output(tooltip="For SamplerCustomAdvanced.")],
+            outputs=[io.Guider.Output(display_name="reference guider", tooltip="For SamplerCustomAdvanced.")],
         )
 
     @classmethod

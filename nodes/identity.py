@@ -30,7 +30,8 @@ class IdentityNode(io.ComfyNode):
                              tooltip="Crops are padded to a square and resized to this side (FlashFace: 224)."),
             ],
             outputs=[
-                types.Identity.Output("identity", tooltip="The person: reference crops, embeddings, a label."),
+                types.Identity.Output("identity", display_name="identity",
+                                      tooltip="The person: reference crops, embeddings, a label."),
                 io.Image.Output("reference_crops", display_name="crops",
                                 tooltip="The reference crops exactly as the identity holds them."),
             ],

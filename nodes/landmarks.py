@@ -34,8 +34,10 @@ class LandmarkPredictor(io.ComfyNode):
                                        "0 keeps the source's."),
             ],
             outputs=[
-                io.Image.Output("control", tooltip="The predicted landmarks drawn at the driving image's size."),
-                types.Landmarks.Output("landmarks", tooltip="The predicted 2D points per driving image."),
+                io.Image.Output("control", display_name="control image",
+                                tooltip="The predicted landmarks drawn at the driving image's size."),
+                types.Landmarks.Output("landmarks", display_name="landmarks",
+                                       tooltip="The predicted 2D points per driving image."),
             ],
         )
 

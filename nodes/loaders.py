@@ -46,8 +46,9 @@ class ReferenceNetLoader(io.ComfyNode):
                                        "(flashface.ckpt, or a .safetensors made by tools/convert_flashface.py)."),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The MODEL to sample (FlashFace's UNet when FlashFace weights are chosen)."),
-                types.ReferenceNet.Output(display_name="REFERENCE_NET", tooltip="Feed it to 'IDFusion Face Features'."),
+                io.Model.Output(display_name="model to sample",
+                                tooltip="The MODEL to sample (FlashFace's UNet when FlashFace weights are chosen)."),
+                types.ReferenceNet.Output(display_name="reference net", tooltip="Feed it to 'IDFusion Face Features'."),
             ],
         )
 

@@ -71,9 +71,10 @@ class MultiIDMasks(io.ComfyNode):
                              tooltip="Source 'face boxes': which image of the detection batch to take the boxes from."),
             ],
             outputs=[
-                types.IdentityMasks.Output(display_name="IDENTITY_MASKS", tooltip="For the IDFusion patches (by region)."),
-                io.Mask.Output(display_name="MASKS", tooltip="The resolved regions as a MASK batch."),
-                io.Image.Output(display_name="PREVIEW", tooltip="Each region in its identity's colour."),
+                types.IdentityMasks.Output(display_name="identity masks",
+                                           tooltip="For the IDFusion patches (by region)."),
+                io.Mask.Output(display_name="region masks", tooltip="The resolved regions as a MASK batch."),
+                io.Image.Output(display_name="preview", tooltip="Each region in its identity's colour."),
             ],
         )
 
@@ -113,8 +114,8 @@ class FacePositionMask(io.ComfyNode):
                 io.Float.Input("y2", default=0.4, min=0.0, max=1.0, step=0.01, tooltip="Bottom edge, as a fraction of the height."),
             ],
             outputs=[
-                io.Mask.Output(display_name="MASK", tooltip="1 inside the face square, 0 elsewhere."),
-                io.Image.Output(display_name="PREVIEW", tooltip="The mask as an image."),
+                io.Mask.Output(display_name="position mask", tooltip="1 inside the face square, 0 elsewhere."),
+                io.Image.Output(display_name="preview", tooltip="The mask as an image."),
             ],
         )
 

@@ -157,7 +157,7 @@ class FaceFeatures(io.ComfyNode):
                                      "to this count (weighted, not recomputed). 0 = auto: 4 with FlashFace weights "
                                      "(the official code always attends over four), each crop once training-free."),
             ],
-            outputs=[types.ReferenceFeatures.Output(display_name="FEATURES",
+            outputs=[types.ReferenceFeatures.Output(display_name="features",
                                                     tooltip="Feed to 'IDFusion Reference Attention' or 'IDFusion Fused KV'.")],
         )
 
@@ -207,7 +207,8 @@ class CombineIdentities(io.ComfyNode):
             description="Several identities in one set: mixed by weight (FlashFace identity mixing), one per batch "
                         "item, or one per region with identity masks. Order = identity index.",
             inputs=slots,
-            outputs=[types.ReferenceFeatures.Output(display_name="FEATURES", tooltip="The combined identities, in input order.")],
+            outputs=[types.ReferenceFeatures.Output(display_name="identities",
+                                                    tooltip="The combined identities, in input order.")],
         )
 
     @classmethod
@@ -231,9 +232,12 @@ class CombineIdentities(io.ComfyNode):
         return io.NodeOutput(ReferenceFeatures(refnet, tuple(identities), tuple(weights)))
 
 
-def build_routing(node: str, features, identity_mode, identity_masks, outside, region=None):
+def build_routing(node: str, features, identity_mode, identity_masks, outside, region=None, dit=False):
     from ..models.engine import MODE_REGION, Routing
 
+    if getattr(getattr(features, "refnet", None), "kind", None) == "dit" and not dit:
+        raise ValueError(f"{node}: 'features' come from 'IDFusion DiT Face Features' (for DiTs); for this UNet "
+                         f"encode them with 'IDFusion Face Features'")
     if identity_mode == MODE_REGION:
         if identity_masks is None:
             raise ValueError(f"{node}: identity_mode is '{MODE_REGION}' but 'identity_masks' is not connected; "
@@ -297,7 +301,8 @@ class ReferenceAttention(io.ComfyNode):
                               tooltip="Where the face goes, at the image size. FlashFace weights: the UNet's "
                                       "face-position channel. Training-free: references apply only inside."),
             ],
-            outputs=[io.Model.Output(tooltip="The patched clone; the input MODEL is untouched.")],
+            outputs=[io.Model.Output(display_name="patched model",
+                                     tooltip="The patched clone; the input MODEL is untouched.")],
         )
 
     @classmethod

@@ -8,7 +8,8 @@ _registered = False
 
 
 def register_routes() -> None:
-    """``GET /idfusion/stats``: reference passes run and feature-cache hits, for users and tests."""
+    """``GET /idfusion/stats``: reference passes run and feature-cache hits, ConsistentID encodings and their
+    cache hits, for users and tests."""
     global _registered
     if _registered:
         return
@@ -21,7 +22,8 @@ def register_routes() -> None:
 
     @PromptServer.instance.routes.get("/idfusion/stats")
     async def stats(request):
+        from ..models.consistentid.face import ENCODINGS
         from ..models.feature_cache import FEATURE_CACHE
-        return web.json_response(FEATURE_CACHE.stats())
+        return web.json_response({**FEATURE_CACHE.stats(), "consistentid_encodings": ENCODINGS.stats()})
 
     _registered = True

@@ -17,3 +17,7 @@ ReferenceFeatures = io.Custom("IDFUSION_REFERENCE_FEATURES")
 IdentityMasks = io.Custom("IDFUSION_IDENTITY_MASKS")
 #: models.landmarks.Landmarks: 2D points per image with their drawing style.
 Landmarks = io.Custom("IDFUSION_LANDMARKS")
+#: models.consistentid.weights.ConsistentIDWeights: a loaded ConsistentID file.
+ConsistentID = io.Custom("IDFUSION_CONSISTENTID")
+#: models.consistentid.face.ConsistentIDFaces: one or more people encoded for ConsistentID, with weights.
+ConsistentIDFaces = io.Custom("IDFUSION_CONSISTENTID_FACES")

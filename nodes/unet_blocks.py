@@ -9,6 +9,8 @@ the patches also use to find their block in the model being run) and checks it a
 """
 from __future__ import annotations
 
+import re
+
 import comfy.patcher_extension
 
 from ..models.unet_layout import BlockKey, transformer_blocks
@@ -67,6 +69,35 @@ def require_unet(model_patcher, node: str) -> None:
         raise ValueError(f"{node}: MODEL is not a UNet model (SD1.5 / SDXL family); IDFusion cannot patch it")
 
 
+_PART = {"input_blocks": "input", "output_blocks": "output"}
+_SECTION = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+
+def _diffusers_order(name: str) -> tuple:
+    """diffusers registers down_blocks, up_blocks, then mid_block; attn1 before attn2 in a block."""
+    return (_SECTION[name.split(".")[0]], *(int(n) for n in re.findall(r"\d+", name)))
+
+
+def attention_processors(model_patcher) -> list[tuple[str, BlockKey, str]]:
+    """Every attention of the UNet in diffusers' ``unet.attn_processors`` order:
+    ``(diffusers name, block key, "attn1"|"attn2")``, e.g.
+    ``("down_blocks.0.attentions.0.transformer_blocks.0.attn2", ("input", 1, 0), "attn2")``.
+    Derived from the host's own diffusers ↔ ComfyUI key map (``comfy.utils.unet_to_diffusers``)."""
+    import comfy.utils
+    mapping = comfy.utils.unet_to_diffusers(model_patcher.model.model_config.unet_config)
+    found = {}
+    for diffusers_key, comfy_key in mapping.items():
+        match = re.match(r"(.*\.transformer_blocks\.\d+\.(attn[12]))\.to_q\.weight$", diffusers_key)
+        if match is None:
+            continue
+        where = re.match(r"(?:(input_blocks|output_blocks)\.(\d+)|middle_block)\.\d+\.transformer_blocks\.(\d+)\.",
+                         comfy_key)
+        part, number, index = where.groups()
+        key = (_PART[part], int(number), int(index)) if part else ("middle", 0, int(index))
+        found[match.group(1)] = (key, match.group(2))
+    return [(name, *found[name]) for name in sorted(found, key=_diffusers_order)]
+
+
 # --- patch registration on a cloned ModelPatcher ---------------------------------------------
 
 def set_attn1_replace(m, fn, key: BlockKey) -> None:
@@ -101,6 +132,11 @@ def set_apply_model_wrapper(m, fn) -> None:
     sure the patches' ``cleanup()`` runs after sampling on every host."""
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fn)
+    ensure_cleanup(m)
+
+
+def ensure_cleanup(m) -> None:
+    """Make sure the patches' ``cleanup()`` runs after sampling on every host."""
     if not hasattr(m, "model_patches_call_function"):
         # a host whose patcher does not clean its patches up: the same call, from its cleanup callback
         m.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY)
@@ -115,6 +151,13 @@ def cleanup_patches(m) -> None:
     for patch in found:
         if hasattr(patch, "cleanup"):
             patch.cleanup()
+
+
+def set_outer_sample_wrapper(m, key: str, fn) -> None:
+    """Install (once per MODEL clone and key) a wrapper around the guider's ``outer_sample``."""
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, fn)
+    ensure_cleanup(m)
 
 
 def set_option(m, name: str, value) -> None:

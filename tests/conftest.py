@@ -52,6 +52,30 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prepared(server, sd15_checkpoint):
+    """The example workflows ready to run as shipped on the test server (idf_testlib/prepared.py):
+    fixtures under their model file names, marker photos under the sample photos' names. Returns
+    the widget overrides of the 2-core test host (small images, 2 steps) for ``workflows.to_api``."""
+    from idf_testlib import prepared as ready
+    from idf_testlib import workflows
+    from idf_testlib.paths import comfy_version
+    info = server.object_info()
+    runnable = [name for name in workflows.names() if workflows.runs_on(name, comfy_version())]
+    ready.link_models([workflows.to_api(workflows.load(name), info) for name in runnable])
+    ready.place_photos(server.workdir / "input")
+    return ready.affordable
+
+
+@pytest.fixture(scope="session")
+def dit_prepared(prepared):
+    """The API prompt maker for the DiT workflows on the test server: ``(workflow, object_info) →
+    prompt`` at the test host's sizes, CLIP-L in place of the text encoders (``prepared.finish``)."""
+    from idf_testlib import prepared as ready
+    from idf_testlib.workflows import to_api
+    return lambda workflow, info: ready.finish(to_api(workflow, info, prepared))
+
+
+@pytest.fixture(scope="session")
 def artifacts():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS

@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 .host/venv/bin/python tools/benchmark.py           # CPU: 512 px, 1/2/4 references
     .host/venv/bin/python tools/benchmark.py --device cuda                # GPU: 512 and 768 px, fp16
     .host/venv/bin/python tools/benchmark.py --quick                      # tiny UNet: a smoke check, seconds
+    OMP_NUM_THREADS=1 .host/0.33.0/venv/bin/python tools/benchmark.py --only dit  # DiTs (0.17.0+)
 
 The model is a full-size SD1.5 UNet with random weights, built in memory with ComfyUI's own
 classes (fp32 on the CPU, fp16 on CUDA); references are random 28×28 latents (224 px crops)
@@ -12,6 +13,11 @@ of the real patched MODEL at batch 2 (two guidance branches, ``cond_or_uncond`` 
 ``calc_cond_batch`` makes it), divided by the same call of the unpatched MODEL. Cases are
 interleaved round by round, so a change of machine load reaches all of them alike; each
 figure is the median of ``--repeats`` rounds. See docs/benchmark.md for how to read the table.
+
+``--only dit`` measures the DiT nodes instead, on a Flux.1 (Kontext) of the real width with fewer
+blocks (every block is patched, so the ratios are per block): routing people's native
+references against the same call with native references, and training-free reference
+attention against the call without references (section "DiT" below).
 """
 from __future__ import annotations
 
@@ -34,7 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
+from idf_testlib import consistentid_fixtures as CF  # noqa: E402
 from idf_testlib import engine as E  # noqa: E402
+from idf_testlib import face_fixtures as FF  # noqa: E402
 from idf_testlib import host as H  # noqa: E402
 from idf_testlib import models as M  # noqa: E402
 from idf_testlib.paths import ARTIFACTS, COMFY  # noqa: E402
@@ -58,9 +66,11 @@ ROWS = {
     "fused_1": "fused KV, 1 identity (× unpatched, cached)",
     "fused_2": "fused KV, 2 identities (× unpatched, cached)",
     "fused_2_masked": "fused KV, 2 identities, masked (× unpatched, cached)",
+    "consistentid": "ConsistentID: LoRA + ID tokens in every cross-attention (× unpatched)",
     "memory": "peak memory growth, MiB: unpatched / cold / cached",
     "passes": "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
     "syncs": "host-device synchronisations in one cached call (CUDA; target 1: the timestep)",
+    "consistentid_encode": "ConsistentID encoding of one 512 px photo, s: cold / cached",
 }
 
 
@@ -174,6 +184,56 @@ def lower_bound_model(model, patched, timestep: float, device, dtype):
         attn1 = blocks[key].attn1
         m.set_model_attn1_replace(ConcatAttention(attn1.to_k(tokens), attn1.to_v(tokens)), *key)
     return m
+
+
+def consistentid_weights(quick: bool):
+    """ConsistentID weights in the official layout (random): full size, or for the tiny UNet."""
+    from IDFusion.models.consistentid.weights import from_groups
+    channels = (32, 64, 128, 128) if quick else (320, 640, 1280, 1280)
+    groups = CF.official_groups(CF.processor_names("sd15"), channels, **(CF.TINY if quick else CF.FULL))
+    return from_groups(groups, "benchmark-ConsistentID-v1.bin", f"benchmark-{quick}")
+
+
+def consistentid_model(model, weights):
+    """The MODEL patched by ConsistentID Apply (official strengths) for one person."""
+    from IDFusion.models.consistentid.face import ConsistentIDFaces
+    from IDFusion.nodes.consistentid import ConsistentIDApply
+    faces = ConsistentIDFaces(weights, (CF.random_face(weights),), (1.0,))
+    return ConsistentIDApply.execute(model, weights, faces, 1.0, 1.0, MIX, "all").result[0]
+
+
+def consistentid_encoding(weights, quick: bool) -> tuple[float, float]:
+    """Seconds of the one-time encoding of a 512 px photo (ArcFace, parsing, CLIP vision of the photo and
+    its regions, FacialEncoder, ID projection): fresh, then served by the content cache."""
+    import comfy.clip_vision
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from facexlib.parsing.bisenet import BiSeNet
+    from IDFusion.models.consistentid.face import ARCFACE_RGB, ENCODINGS, NO_FACE_ERROR, encode_cached
+    from IDFusion.models.faces.analysis import load_analyzer
+    from IDFusion.models.faces.parsing import FaceParser
+    if quick:
+        vision = CF.tiny_clip_vision()
+    else:
+        config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json"
+        vision = comfy.clip_vision.ClipVisionModel(str(config))
+        M.init_weights(vision.model, seed=6)
+    bisenet = BiSeNet(num_class=19).eval()
+    bisenet.load_state_dict(CF.parser_state())
+    parser = FaceParser(comfy.model_patcher.ModelPatcher(bisenet, mm.get_torch_device(), mm.unet_offload_device()),
+                        "benchmark")
+    FF.insightface_pack("buffalo_l")
+    analyzer = load_analyzer("buffalo_l", "CPU", 640)
+    photo = FF.scene(512, 512, [FF.MarkerFace(256, 240, 110, 140)], seed=2)
+    ENCODINGS.reset()
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        encode_cached(weights, vision, analyzer, parser, photo, "benchmark", ARCFACE_RGB, NO_FACE_ERROR, "benchmark")
+        seconds.append(time.perf_counter() - start)
+    if ENCODINGS.stats() != {"encodings": 1, "hits": 1, "entries": 1}:
+        raise RuntimeError(f"the ConsistentID encoding cache did not serve the second call: {ENCODINGS.stats()}")
+    return seconds[0], seconds[1]
 
 
 # --- one call, timed ------------------------------------------------------------------------------
@@ -329,8 +389,10 @@ def measure(cases: list[Case], rounds: int, warmup: int, device: torch.device, c
                 f"N={case.refs if case.refs is not None else '-'}  wall {timing.wall:8.3f} s  cpu {timing.cpu:8.3f} s")
 
 
-def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, device, dtype) -> tuple[list[Case], dict]:
-    """Every timed case at one image size, and the patched MODELs by (kind, N)."""
+def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, device, dtype,
+               consistentid=None) -> tuple[list[Case], dict]:
+    """Every timed case at one image size, and the patched MODELs by (kind, N); with ``refs`` empty,
+    the unpatched and ConsistentID cases only."""
     from IDFusion.models.feature_cache import FEATURE_CACHE
     latent = size // 8
     sigma = float(model.model.model_sampling.percent_to_sigma(0.5))
@@ -338,6 +400,8 @@ def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, d
     main = make_inputs(2, latent, width, sigma, device, dtype)
     base = Case("unpatched", None, lambda: apply_model(model, main))
     cases, patched = [base], {}
+    if consistentid is not None:
+        cases.append(Case("consistentid", None, lambda m=consistentid: apply_model(m, main)))
     for n in refs:
         ident_a = E.identity(10 + n, count=n, latent=ref_latent, label="a", width=width)
         ident_b = E.identity(20 + n, count=n, latent=ref_latent, label="b", width=width)
@@ -403,6 +467,190 @@ def sampling_passes(patched, width: int, size: int, steps: int) -> tuple[int, in
     return counts[0], counts[1]
 
 
+# --- DiT -----------------------------------------------------------------------------------------------
+
+#: Flux.1 (dev / Kontext) at its real width: 3072 wide, 24 heads of 128, MLP ×4, T5 text 4096 wide;
+#: one double and two single blocks (the full model has 19 and 38).
+DIT_WIDTH = dict(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], context_in_dim=4096, vec_in_dim=768,
+                 depth=1, depth_single_blocks=2)
+DIT_FULL_BLOCKS = 19 + 38
+DIT_TEXT = 512                      # Flux's T5 tokens
+DIT_ROWS = {
+    "dit_none": "no references, batch 1 (s)",
+    "dit_native": "native references (× no references)",
+    "dit_people": "people at strength 1.5, no masks (× native references)",
+    "dit_routed": "people routed by region (× native references; target ≤ 1.10)",
+    "dit_tf_cached": "training-free reference attention, cached (× no references; target ≤ 1.15 for 1 reference)",
+    "dit_tf_cold": "training-free reference attention, cold (× no references)",
+    "dit_bytes": "reference keys/values per reference image per step, MiB: this model / Flux.1 (57 blocks, bf16)",
+}
+
+
+def build_dit(quick: bool, device: torch.device, dtype: torch.dtype):
+    """A ModelPatcher around a random Flux.1 of the real width (``DIT_WIDTH``), or the tests' tiny one."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    from idf_testlib import dit_models as D
+    config = comfy.supported_models.Flux({**D.FLUX_TINY, **({} if quick else DIT_WIDTH)})
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({})
+    M.init_weights(model.diffusion_model, seed=0)
+    model.diffusion_model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    if device.type == "cuda":
+        mm.load_models_gpu([patcher])
+    return patcher
+
+
+@dataclass
+class DitInputs:
+    x: torch.Tensor
+    sigma: torch.Tensor
+    kwargs: dict
+
+
+def dit_inputs(model, latent: int, refs: int, device, dtype, text: int) -> DitInputs:
+    """One image latent and ``refs`` reference latents of the same size, random text: batch 1."""
+    dm = model.model.diffusion_model
+    g = E.gen(3)
+    x = torch.randn(1, 16, latent, latent, generator=g).to(device=device, dtype=dtype)
+    context = torch.randn(1, text, dm.params.context_in_dim, generator=g)
+    kwargs = dict(c_crossattn=context.to(device=device, dtype=dtype),
+                  y=torch.randn(1, dm.params.vec_in_dim, generator=g).to(device=device, dtype=dtype),
+                  guidance=torch.full((1,), 3.5, device=device))
+    if refs:
+        kwargs["ref_latents"] = [torch.randn(1, 16, latent, latent, generator=g).to(device=device, dtype=dtype)
+                                 for _ in range(refs)]
+    return DitInputs(x, torch.full((1,), 0.5, device=device), kwargs)
+
+
+def dit_call(patcher, inputs: DitInputs) -> torch.Tensor:
+    options = call_options(patcher)
+    options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=inputs.sigma)
+    return patcher.model.apply_model(inputs.x, inputs.sigma, transformer_options=options, **inputs.kwargs)
+
+
+def people_model(model, people: int, size: int, routed: bool):
+    """IDFusion DiT Identity References' patch for ``people`` persons of one reference image each:
+    unmasked at strength 1.5 (at 1 everywhere the host's own attention runs), or each person in
+    one vertical strip of the picture at strength 1."""
+    from IDFusion.models.dit.engine import PeopleSpec
+    from IDFusion.models.dit.families import dit_blocks, family_of
+    from IDFusion.models.engine import MODE_MIX, MODE_REGION, Routing
+    from IDFusion.models.masks import column_masks
+    from IDFusion.nodes.dit import current_plan, install
+    m = model.clone()
+    masks = column_masks(people + 1 if people == 1 else people, size, size)[:people]
+    routing = Routing(MODE_REGION, masks, "all") if routed else Routing(MODE_MIX)
+    blocks = frozenset(dit_blocks(m.model.diffusion_model, family_of(m.model)))
+    strength = 1.0 if routed else 1.5
+    install(m, current_plan(m).with_people(PeopleSpec("benchmark", 0, (1,) * people, (strength,) * people, routing,
+                                                      blocks)))
+    return m
+
+
+def training_free_model(model, identities: int, latent: int, text: int):
+    """IDFusion DiT Reference Attention (all blocks, λ 0.85, timestep-zero references) with
+    ``identities`` identities of one reference image each, mixed."""
+    from IDFusion.models.references import ReferenceFeatures, ReferenceIdentity
+    from IDFusion.nodes.dit import BLOCKS_ALL, TIMESTEP_ZERO, DiTReferenceAttention, dit_reference_net
+    dm = model.model.diffusion_model
+    idents = tuple(ReferenceIdentity(f"id{i}", torch.randn(1, 16, latent, latent, generator=E.gen(40 + i)),
+                                     torch.randn(1, text, dm.params.context_in_dim, generator=E.gen(50 + i)),
+                                     torch.randn(1, dm.params.vec_in_dim, generator=E.gen(60 + i)))
+                   for i in range(identities))
+    features = ReferenceFeatures(dit_reference_net(), idents, (1.0,) * identities)
+    return DiTReferenceAttention.execute(model, features, STRENGTH, 0.0, 1.0, BLOCKS_ALL, TIMESTEP_ZERO,
+                                         MIX, "all").result[0]
+
+
+def dit_fill(patched, device) -> None:
+    """Put the training-free patch's reference keys/values (timestep zero, guidance 3.5 as in
+    ``dit_inputs``) in the cache, as the engine does at a call, without the call."""
+    from IDFusion.models.dit.engine import PLAN, identity_features
+    for spec in patched.model_options["transformer_options"][PLAN].references:
+        for ident in spec.features.identities:
+            identity_features(patched.model, ident, 0.0, 3.5, spec.needs(), device, None)
+
+
+def dit_cases(model, size: int, device, dtype, text: int) -> list[Case]:
+    from IDFusion.models.feature_cache import FEATURE_CACHE
+    latent = size // 8
+    plain = dit_inputs(model, latent, 0, device, dtype, text)
+    cases = [Case("dit_none", None, lambda: dit_call(model, plain))]
+    for people in (1, 2):
+        native = dit_inputs(model, latent, people, device, dtype, text)
+        unmasked, routed = people_model(model, people, size, False), people_model(model, people, size, True)
+        tf = training_free_model(model, people, latent, text)
+        cases += [
+            Case("dit_native", people, lambda x=native: dit_call(model, x)),
+            Case("dit_people", people, lambda m=unmasked, x=native: dit_call(m, x)),
+            Case("dit_routed", people, lambda m=routed, x=native: dit_call(m, x)),
+            Case("dit_tf_cached", people, lambda m=tf: dit_call(m, plain), setup=lambda m=tf: dit_fill(m, device)),
+            Case("dit_tf_cold", people, lambda m=tf: dit_call(m, plain), setup=FEATURE_CACHE.clear, passes=people),
+        ]
+    return cases
+
+
+def dit_reference_bytes(model, size: int, device, dtype, text: int) -> tuple[float, float]:
+    """Bytes of one reference image's keys/values over all blocks (one step): measured in the
+    cache for this model, and the same tokens at full Flux.1 (57 blocks, 3072 wide, bf16)."""
+    from IDFusion.models.feature_cache import FEATURE_CACHE
+    FEATURE_CACHE.clear()
+    dit_call(training_free_model(model, 1, size // 8, text), dit_inputs(model, size // 8, 0, device, dtype, text))
+    measured = FEATURE_CACHE.stats()["bytes"]
+    tokens = (size // 16) ** 2
+    return measured, 2 * tokens * 3072 * 2 * DIT_FULL_BLOCKS
+
+
+def dit_table(size: int, by: dict, reference_bytes: tuple[float, float]) -> str:
+    lines = ["| measure | size | 1 person | 2 people |", "|---|---|---|---|"]
+    t0 = by[("dit_none", None)].median
+
+    def row(key: str, cells: list[str]) -> None:
+        lines.append(f"| {DIT_ROWS[key]} | {size} px | " + " | ".join(cells) + " |")
+
+    row("dit_none", [f"{t0:.3f}"] * 2)
+    row("dit_native", [_ratio(by[("dit_native", p)].median / t0) for p in (1, 2)])
+    for key in ("dit_people", "dit_routed"):
+        row(key, [_ratio(by[(key, p)].median / by[("dit_native", p)].median) for p in (1, 2)])
+    for key in ("dit_tf_cached", "dit_tf_cold"):
+        row(key, [_ratio(by[(key, p)].median / t0) for p in (1, 2)])
+    row("dit_bytes", [f"{_mib(reference_bytes[0])} / {_mib(reference_bytes[1])}"] * 2)
+    return "\n".join(lines)
+
+
+def dit_main(args, device: torch.device, dtype: torch.dtype, start: float) -> int:
+    from IDFusion.models.dit.host import hooks_available
+    if not hooks_available():
+        raise SystemExit("--only dit needs a ComfyUI with the DiT hooks (0.17.0 or newer): run it with the 0.33 host")
+    text = 16 if args.quick else DIT_TEXT
+    model = build_dit(args.quick, device, dtype)
+    log(f"{'tiny' if args.quick else 'Flux-width'} DiT built in {time.monotonic() - start:.1f} s on "
+        f"{device_words(device)}")
+    size = args.sizes[0]
+    cases = dit_cases(model, size, device, dtype, text)
+    timed_call(cases[0].run, device)                                             # process warm-up
+    measure(cases, args.repeats, args.warmup, device, args.clock, f"DiT {size} px")
+    by = {(c.key, c.refs): c for c in cases}
+    reference_bytes = dit_reference_bytes(model, size, device, dtype, text)
+    table = dit_table(size, by, reference_bytes)
+    header = (f"# IDFusion DiT benchmark: {device_words(device)}\n\n"
+              f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
+              f"{'tiny' if args.quick else 'Flux.1 at its real width (3072, 24 heads), 1 double + 2 single blocks'}, "
+              f"random weights, {str(dtype).replace('torch.', '')}; host attention `{host_attention_name()}`; batch 1; "
+              f"{text} text tokens; image and each reference {size} px ({(size // 16) ** 2} tokens); one reference "
+              f"image per person; λ {STRENGTH}; median of {args.repeats} interleaved round(s), "
+              f"{'wall' if args.clock == 'wall' else 'CPU'} time.\n")
+    document = f"{header}\n{table}\n\n## Timings\n\n{raw_table([size], {size: by})}\n"
+    print(table, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(document)
+    log(f"written {args.out} ({time.monotonic() - start:.0f} s in all)")
+    return 0
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 def _ratio(value: float) -> str:
@@ -414,7 +662,7 @@ def _mib(value: float) -> str:
 
 
 def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int,
-                  syncs: dict | None = None) -> str:
+                  encoding: tuple[float, float] | None = None, syncs: dict | None = None) -> str:
     head = "| measure | size | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |"
     lines = [head, "|" + "---|" * (2 + len(refs))]
 
@@ -428,6 +676,10 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         ratio = lambda key, n: by[(key, n)].median / t0                                  # noqa: E731
         label = f"{size} px"
         row("unpatched", label, [f"{t0:.3f}"] * len(refs))
+        if ("consistentid", None) in by:
+            row("consistentid", label, [_ratio(ratio("consistentid", None))] * len(refs))
+        if ("cold", refs[0]) not in by:
+            continue
         for key in ("cold", "cached", "bound"):
             row(key, label, [_ratio(ratio(key, n)) for n in refs])
         row("vs_bound", label, [_ratio(by[("cached", n)].median / by[("bound", n)].median) for n in refs])
@@ -436,7 +688,10 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
         peak = lambda key, n: by[(key, n)].peak                                          # noqa: E731
         row("memory", label, [f"{_mib(unpatched.peak)} / {_mib(peak('cold', n))} / {_mib(peak('cached', n))}"
                               for n in refs])
-    row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
+    if passes:
+        row("passes", f"{sampling_size} px", [f"{passes[n][0]} / {passes[n][1]}" for n in refs])
+    if encoding is not None:
+        row("consistentid_encode", "512 px", [f"{encoding[0]:.2f} / {encoding[1]:.3f}"] * len(refs))
     if syncs:
         row("syncs", f"{sizes[0]} px", [str(syncs[n]) for n in refs])
     return "\n".join(lines)
@@ -488,6 +743,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "torch runs one thread; robust to other processes on a shared machine). auto: cpu on the CPU "
                         "with one torch thread, else wall")
     p.add_argument("--quick", action="store_true", help="tiny UNet, 64 px, one round: a smoke check, not a measurement")
+    p.add_argument("--only", choices=("all", "consistentid", "dit"), default="all",
+                   help="consistentid: only the unpatched and ConsistentID cases and its encoding; dit: the DiT "
+                        "nodes on a Flux.1 of the real width with fewer blocks (needs ComfyUI 0.17.0+; default size "
+                        "512 px on the CPU, 1024 on CUDA). Default all (the UNet cases)")
     p.add_argument("--out", type=Path, help="markdown file to write (default: test-artifacts/benchmark-<device>.md)")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -496,7 +755,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA device")
     cuda = args.device == "cuda"
     if args.sizes is None:
-        args.sizes = [64] if args.quick else ([512, 768] if cuda else [512])
+        full = [1024] if args.only == "dit" else [512, 768]
+        args.sizes = [64] if args.quick else (full if cuda else [512])
     if any(s % 64 for s in args.sizes):
         p.error(f"--sizes must be multiples of 64 px, got {args.sizes}")
     if any(n < 1 for n in args.refs):
@@ -515,7 +775,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.steps = min(args.steps, 2)
     if args.out is None:
-        args.out = ARTIFACTS / f"benchmark-{args.device}{'-quick' if args.quick else ''}.md"
+        kind = "-dit" if args.only == "dit" else ""
+        args.out = ARTIFACTS / f"benchmark{kind}-{args.device}{'-quick' if args.quick else ''}.md"
     return args
 
 
@@ -540,28 +801,36 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.monotonic()
+    if args.only == "dit":
+        return dit_main(args, device, torch.bfloat16 if device.type == "cuda" else dtype, start)
     model, width = build_model(args.quick, device, dtype)
     log(f"{'tiny' if args.quick else 'full-size'} SD1.5 UNet built in {time.monotonic() - start:.1f} s on "
         f"{device_words(device)}, host attention {host_attention_name()}")
 
     measured, patched = {}, {}
+    cid_weights = consistentid_weights(args.quick)
+    refs = args.refs if args.only == "all" else []
     for size in args.sizes:
-        cases, models = size_cases(model, width, size, args.refs, args.ref_latent, device, dtype)
+        cases, models = size_cases(model, width, size, refs, args.ref_latent, device, dtype,
+                                   consistentid_model(model, cid_weights))
         patched.update(models)
         timed_call(cases[0].run, device)                                             # process warm-up
         measure(cases, args.repeats, args.warmup, device, args.clock, f"{size} px")
         measured[size] = {(c.key, c.refs): c for c in cases}
     passes = {}
-    for n in args.refs:
+    for n in refs:
         passes[n] = sampling_passes(patched[("reference", n)], width, args.sampling_size, args.steps)
         log(f"sampling, N={n}: reference passes {passes[n][0]} then {passes[n][1]}")
+    encoding = consistentid_encoding(cid_weights, args.quick)
+    log(f"ConsistentID encoding: {encoding[0]:.2f} s, then {encoding[1]:.3f} s from the cache")
 
     syncs = {}
     if device.type == "cuda":
         for n in args.refs:
             syncs[n] = call_syncs(patched[("reference", n)], width, args.sizes[0], device, dtype)
             log(f"synchronisations in one cached call, N={n}: {syncs[n]}")
-    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, syncs)
+    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, encoding,
+                          syncs)
     header = (f"# IDFusion benchmark: {device_words(device)}\n\n"
               f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
               f"{'tiny' if args.quick else 'full-size'} random SD1.5 UNet, {str(dtype).replace('torch.', '')}; "
@@ -581,6 +850,11 @@ def main(argv=None) -> int:
              "with the main batch; this is only that larger forward (no attention concatenation), a floor for it.\n"
              "- Fused KV: every block's cross-attention, N references per identity; *masked*: two identities in "
              "the left and right halves (routing bias).\n"
+             "- ConsistentID: its LoRA as weight patches (the host merges them into the weights when it loads the "
+             "MODEL, so the call's work is the plain call's) and 4 ID tokens in every cross-attention, one person, "
+             "official strengths. Its encoding (ArcFace, BiSeNet, CLIP-ViT-H of the photo and up to five regions, "
+             "FacialEncoder, ID projection; random full-size weights, synthetic buffalo_l) runs once per photo and "
+             "is then served by its content cache.\n"
              f"- {memory_note(device)}\n")
     document = f"{header}\n{table}\n\n{notes}\n## Timings\n\n{raw_table(args.sizes, measured)}\n"
     print(table, flush=True)

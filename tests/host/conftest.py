@@ -15,3 +15,70 @@ def fresh_cache(host):
     """Every host test starts with an empty feature cache and zeroed counters."""
     from IDFusion.models.feature_cache import FEATURE_CACHE
     FEATURE_CACHE.reset()
+
+
+# --- ConsistentID (tiny models in the official layouts) ----------------------------------------------
+
+@pytest.fixture(scope="session")
+def cid_groups(host):
+    from idf_testlib import consistentid_fixtures as cf
+    return cf.tiny_groups("sd15", seed=1)
+
+
+@pytest.fixture(scope="session")
+def cid_weights(cid_groups):
+    from IDFusion.models.consistentid.weights import from_groups
+    return from_groups(cid_groups, "tiny-ConsistentID-v1.bin", "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def cid_model(host):
+    """A tiny SD1.5 UNet of the ConsistentID tests' own (tests load LoRA'd clones of it)."""
+    return models.tiny_sd15(seed=3)
+
+
+@pytest.fixture(scope="session")
+def cid_clip(host):
+    from idf_testlib import consistentid_fixtures as cf
+    return cf.tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def cid_clip_vision(host):
+    from idf_testlib import consistentid_fixtures as cf
+    return cf.tiny_clip_vision()
+
+
+@pytest.fixture(scope="session")
+def cid_parser(host):
+    from idf_testlib import consistentid_fixtures as cf
+    from IDFusion.models.faces.parsing import load_parser
+    return load_parser(cf.parsing_weights().name)
+
+
+@pytest.fixture(scope="session")
+def cid_analyzer(host):
+    from idf_testlib import face_fixtures
+    from IDFusion.models.faces.analysis import load_analyzer
+    face_fixtures.insightface_pack("buffalo_l")
+    return load_analyzer("buffalo_l", "CPU", 320)
+
+
+@pytest.fixture(scope="session")
+def cid_photo():
+    """A 224 × 224 photo with one synthetic face (RGB uint8)."""
+    from idf_testlib import face_fixtures
+    return face_fixtures.scene(224, 224, [face_fixtures.MarkerFace(112, 110, 70, 90)], seed=3)
+
+
+# --- DiTs ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def dit_host(host):
+    """The DiT hooks (ComfyUI 0.17.0 or newer). Older hosts skip the DiT tests with the reason; a
+    host new enough never skips (a missing hook fails there, in CI and elsewhere)."""
+    from idf_testlib.dit_models import DIT_MIN_VERSION
+    from idf_testlib.paths import comfy_version
+    if comfy_version() < DIT_MIN_VERSION:
+        pytest.skip(f"the DiT hooks need ComfyUI {'.'.join(map(str, DIT_MIN_VERSION))} or newer; this host is "
+                    f"{'.'.join(map(str, comfy_version()))} (tests/host/test_dit_host_gate.py checks the refusal here)")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from idf_testlib import engine as E
+from idf_testlib.engine import AttentionRecorder, halves, id_masks
 
 ALL = "all (input + middle + output)"
 TRAINING_FREE = "training-free (self-attention projections)"
@@ -19,18 +20,6 @@ def reference(model, features, mode=MIX, outside="all", masks=None, blocks="deco
     from IDFusion.nodes.reference import ReferenceAttention
     return ReferenceAttention.execute(model, features, 0.9, 0.0, 1.0, blocks, mode, outside,
                                       identity_masks=masks).result[0]
-
-
-def id_masks(masks):
-    from IDFusion.models.masks import IdentityMasks
-    return IdentityMasks(masks, tuple(f"id{i}" for i in range(masks.shape[0])))
-
-
-def halves(height, width):
-    masks = torch.zeros(2, height, width)
-    masks[0, :, : width // 2] = 1
-    masks[1, :, width // 2:] = 1
-    return masks
 
 
 def test_weight_zero_equals_the_original_model(sd15):
@@ -63,27 +52,6 @@ def test_one_reference_pass_serves_fused_kv_and_reference_attention(sd15):
     assert FEATURE_CACHE.stats()["reference_passes"] == 2
 
 
-class AttentionRecorder:
-    """A host attention override that records the probabilities of every attention called with
-    a bias (the fused-KV cross-attentions: routing always needs one)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, func, q, k, v, heads, mask=None, **kwargs):
-        to = kwargs.get("transformer_options") or {}
-        if mask is not None and to.get("block") is not None:
-            b, lq, c = q.shape
-            d = c // heads
-            qh = q.view(b, lq, heads, d).transpose(1, 2)
-            kh = k.view(b, -1, heads, d).transpose(1, 2)
-            scores = qh @ kh.transpose(-1, -2) / d ** 0.5
-            if mask is not None:
-                scores = scores + (mask if mask.ndim == 4 else mask.unsqueeze(1))
-            self.calls.append((tuple(to["block"]), list(to.get("cond_or_uncond", [])), lq, torch.softmax(scores, dim=-1)))
-        return func(q, k, v, heads, mask=mask, **kwargs)
-
-
 @pytest.mark.parametrize("latent_hw", [(16, 16), (9, 13)])
 def test_isolation_region_j_never_attends_to_identity_i(sd15, latent_hw):
     """Measured on the real blocks: the probability from a query in region j to any key of
@@ -93,9 +61,8 @@ def test_isolation_region_j_never_attends_to_identity_i(sd15, latent_hw):
     a, b = E.identity(1, count=1), E.identity(2, count=2)
     masks = halves(h * 8, w * 8)
     patched = fused(sd15, E.training_free_features(sd15, a, b), mode=REGION, outside="none", masks=id_masks(masks))
-    recorder = AttentionRecorder()
-    patched.model_options["transformer_options"]["optimized_attention_override"] = recorder
-    E.sample(patched, steps=1, size=None, latent_hw=latent_hw)
+    with AttentionRecorder().installed() as recorder:
+        E.sample(patched, steps=1, size=None, latent_hw=latent_hw)
     assert recorder.calls, "the fused-KV patch never reached the host attention"
     latent_masks = fit_to_latent(masks, h, w)
     ref_tokens = {}
@@ -172,12 +139,11 @@ def test_under_the_guider_fused_kv_joins_only_the_reference_branch(sd15):
     from IDFusion.models.engine import GUIDANCE, Guidance
     features = E.training_free_features(sd15, E.identity(1))
     patched = fused(sd15, features)
-    recorder = AttentionRecorder()
-    patched.model_options["transformer_options"]["optimized_attention_override"] = recorder
     patched.model_options["transformer_options"][GUIDANCE] = Guidance(ref_conds=frozenset({0}))
     positive, negative = E.conditioning(5), E.conditioning(6)
     guider = E.plain_guider(patched, positive, negative, cfg=3.0)
-    E.denoised_once(guider)
+    with AttentionRecorder().installed() as recorder:
+        E.denoised_once(guider)
     assert recorder.calls
     for _, conds, _, probs in recorder.calls:                 # one row per cond, in cond_or_uncond order
         assert sorted(conds) == [0, 1] and probs.shape[0] == 2

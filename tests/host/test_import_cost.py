@@ -23,6 +23,9 @@ comfy.options.enable_args_parsing(False)
 from comfy.cli_args import args
 args.cpu = True
 import utils.extra_config, torch, execution, server, nodes, comfy_api.latest  # the host's imports, in main.py's order
+import folder_paths, tempfile
+input_dir = tempfile.TemporaryDirectory()
+folder_paths.set_input_directory(input_dir.name)  # the entry point copies the sample photos there
 before = set(sys.modules)
 start = time.perf_counter()
 name = pack_dir.replace(".", "_x_")  # as nodes.load_custom_node names a package folder

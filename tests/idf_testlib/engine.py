@@ -1,5 +1,8 @@
 """Helpers for engine tests on the tiny in-process UNets: random references, conditioning,
-sampling with the host's own samplers."""
+sampling with the host's own samplers, identity masks, measured attention probabilities."""
+import contextlib
+import functools
+
 import torch
 
 from .models import SD15_TINY
@@ -70,3 +73,49 @@ def plain_guider(model, positive, negative=None, cfg: float = 1.0):
     guider.set_conds(positive, negative if negative is not None else positive)
     guider.set_cfg(cfg)
     return guider
+
+
+def id_masks(masks):
+    from IDFusion.models.masks import IdentityMasks
+    return IdentityMasks(masks, tuple(f"id{i}" for i in range(masks.shape[0])))
+
+
+def halves(height, width):
+    masks = torch.zeros(2, height, width)
+    masks[0, :, : width // 2] = 1
+    masks[1, :, width // 2:] = 1
+    return masks
+
+
+class AttentionRecorder:
+    """Records the probabilities of every masked attention the real blocks make (the fused-KV
+    cross-attentions: routing always needs a mask), by wrapping the host's masked attention
+    function in place (``functools.wraps``: the pack still sees which backend it is)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def record(self, q, k, mask, heads, to):
+        b, lq, c = q.shape
+        d = c // heads
+        qh = q.view(b, lq, heads, d).transpose(1, 2)
+        kh = k.view(b, -1, heads, d).transpose(1, 2)
+        scores = qh @ kh.transpose(-1, -2) / d ** 0.5 + (mask if mask.ndim == 4 else mask.unsqueeze(1))
+        self.calls.append((tuple(to["block"]), list(to.get("cond_or_uncond", [])), lq, torch.softmax(scores, dim=-1)))
+
+    @contextlib.contextmanager
+    def installed(self):
+        from comfy.ldm.modules import attention as host
+        original = host.optimized_attention_masked
+
+        @functools.wraps(original)
+        def recording(q, k, v, heads, mask=None, **kwargs):
+            to = kwargs.get("transformer_options") or {}
+            if mask is not None and to.get("block") is not None:
+                self.record(q, k, mask, heads, to)
+            return original(q, k, v, heads, mask=mask, **kwargs)
+        host.optimized_attention_masked = recording
+        try:
+            yield self
+        finally:
+            host.optimized_attention_masked = original

@@ -289,18 +289,22 @@ def write_tiny_checkpoints(seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def write_tiny_checkpoint_for_sd15_clip(seed: int = 0) -> Path:
+def write_tiny_checkpoint_for_sd15_clip(seed: int = 0, suffix: str = ".safetensors") -> Path:
     """A small FlashFace checkpoint (UNet width 32) whose cross-attention takes CLIP-L's
     768-wide text features, so it samples with the full-size random SD1.5 checkpoint's CLIP and
-    VAE in end-to-end workflows. Written once as ``.safetensors`` into CACHE/models/flashface."""
+    VAE in end-to-end workflows. Written once into CACHE/models/flashface as ``.safetensors`` or,
+    with ``suffix=".ckpt"``, as the release's format (torch.save)."""
     from safetensors.torch import save_file
-    path = flashface_dir() / f"flashface-tiny-clip768-v{FIXTURE_VERSION}-s{seed}.safetensors"
+    path = flashface_dir() / f"flashface-tiny-clip768-v{FIXTURE_VERSION}-s{seed}{suffix}"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = official_state_dict(*official_flashface_modules(dim=TINY["dim"], context_dim=FULL["context_dim"],
                                                          num_heads=FULL["num_heads"], seed=seed))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+    if suffix == ".ckpt":
+        torch.save(sd, tmp)
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
     os.replace(tmp, path)
     return path

@@ -13,6 +13,8 @@ import tempfile
 from .paths import CACHE, COMFY, PACK, ROOT
 
 _booted = False
+#: ComfyUI's input folder in process: a temporary one (removed at exit), never the host's own.
+_INPUT = tempfile.TemporaryDirectory(prefix="idfusion-host-input-")
 
 
 def register_pack() -> None:
@@ -40,10 +42,12 @@ def boot() -> None:
     args.disable_api_nodes = True
     import folder_paths
     models = CACHE / "models"
-    for folder in ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet"):
+    for folder in ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet",
+                   "consistentid", "clip_vision"):
         (models / folder).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
     folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="idfusion-host-temp-"))   # previews of host tests
+    folder_paths.set_input_directory(_INPUT.name)   # where the pack's entry point copies its sample photos
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     register_pack()
     logging.getLogger("IDFusion").setLevel(logging.DEBUG)

@@ -18,7 +18,8 @@ from .paths import ARTIFACTS, CACHE, COMFY, CUSTOM_NODES, ensure_pack_link
 
 #: A terminal colour code, e.g. "\x1b[32m".
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
-MODEL_FOLDERS = ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet")
+MODEL_FOLDERS = ("checkpoints", "vae", "flashface", "insightface", "facexlib", "idfusion", "controlnet", "consistentid",
+                 "clip_vision", "diffusion_models", "text_encoders")
 
 
 def free_port() -> int:

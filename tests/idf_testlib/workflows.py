@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from . import layout
 from .paths import ROOT
 
 WORKFLOWS = ROOT / "workflows"
@@ -12,6 +13,21 @@ WORKFLOWS = ROOT / "workflows"
 TEST_IMAGE_SIZE = 64
 TEST_CROP_SIZE = 64
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+#: Workflows that need a newer ComfyUI than the oldest test host (the DiT hooks came in 0.17.0):
+#: file name → minimum version. Everything else runs on every host.
+MIN_COMFYUI = {
+    "flux2_klein_two_people.json": (0, 17, 0),
+    "flux1_dev_training_free.json": (0, 17, 0),
+}
+
+
+def runs_on(name: str, version: tuple[int, ...]) -> bool:
+    """Whether workflow ``name`` can run on a host of ``version`` (see ``MIN_COMFYUI``)."""
+    return version >= MIN_COMFYUI.get(name, (0,))
+
+
+def needs_text(name: str) -> str:
+    return "ComfyUI " + ".".join(map(str, MIN_COMFYUI[name]))
 NOTE_TYPES = {"Note", "MarkdownNote"}
 
 
@@ -65,15 +81,56 @@ class Out:
 
 
 class Node:
-    def __init__(self, node_id: int, type_: str, info: dict, title: str | None):
+    def __init__(self, node_id: int, type_: str, info: dict, title: str | None, stage: str | None,
+                 min_size: tuple[float, float] | None):
         self.id, self.type, self.info, self.title = node_id, type_, info, title
+        self.stage = stage or layout.stage_of(type_, info.get("category", ""))
+        self.min_size = min_size
         self.links_in: dict[str, Out] = {}
         self.widgets: dict[str, object] = {}
 
     def __getitem__(self, key) -> Out:
-        names = self.info.get("output_name") or self.info["output"]
-        slot = key if isinstance(key, int) else list(names).index(key)
-        return Out(self, slot)
+        """An output by slot, display name, or type (when exactly one output has that type)."""
+        if isinstance(key, int):
+            return Out(self, key)
+        names, types = list(self.info.get("output_name") or self.info["output"]), list(self.info["output"])
+        if key in names:
+            return Out(self, names.index(key))
+        if types.count(key) == 1:
+            return Out(self, types.index(key))
+        raise KeyError(f"{self.type} has no output named {key!r} (outputs: {', '.join(names)})")
+
+    @property
+    def shows_preview(self) -> bool:
+        """Whether the node shows an image on itself after a run (output nodes, nodes with a 'preview')."""
+        names = self.info.get("output_name") or []
+        return bool(self.info.get("output_node")) or "preview" in names or self.type in PREVIEW_TYPES
+
+    def rows(self) -> int:
+        specs = _inputs(self.info)
+        widgets = sum(1 + (_extra_widget(spec) is not None) for name, spec in specs
+                      if _is_widget(spec) and name not in self.links_in)
+        return max(len(self.links_in), len(self.info["output"])) + widgets
+
+
+#: Pack nodes that preview an image without an output named "preview".
+PREVIEW_TYPES = {"IDFusionLandmarkPredictor"}
+#: Height kept free in a node for the image it previews after a run (the frontend draws it inside).
+PREVIEW_HEIGHT = 280
+DEFAULT_WIDTH = 320
+NOTE_WIDTH = 720
+NOTE_TITLE = "Read me first"
+
+
+def estimated_size(node: Node) -> tuple[float, float]:
+    """A first guess (litegraph's row height); tools/make_workflows.py replaces it by the measured size."""
+    return DEFAULT_WIDTH, 40 + 24 * node.rows()
+
+
+def note_size(text: str) -> tuple[float, float]:
+    """Room for a note's text at the frontend's 12-px type: about 105 characters a line of 18 px."""
+    lines = sum(1 + len(paragraph) // 105 for paragraph in text.split("\n"))
+    return NOTE_WIDTH, 50 + 18 * lines
 
 
 class Builder:
@@ -82,12 +139,16 @@ class Builder:
     def __init__(self, object_info: dict):
         self.object_info = object_info
         self.nodes: list[Node] = []
-        self.notes: list[tuple[str, tuple[int, int]]] = []
+        self.text = ""
 
-    def add(self, type_: str, title: str | None = None, **values) -> Node:
+    def add(self, type_: str, title: str | None = None, stage: str | None = None,
+            min_size: tuple[float, float] | None = None, **values) -> Node:
+        """A node; ``stage`` overrides its layout stage (see layout.py); ``min_size``: (width, height)."""
         if type_ not in self.object_info:
             raise KeyError(f"the host has no node {type_!r}")
-        node = Node(len(self.nodes) + 1, type_, self.object_info[type_], title)
+        if stage is not None and stage not in layout.STAGES:
+            raise KeyError(f"no stage {stage!r}: one of {', '.join(layout.STAGES)}")
+        node = Node(len(self.nodes) + 1, type_, self.object_info[type_], title, stage, min_size)
         names = {name for name, _ in _inputs(node.info)}
         for name, value in values.items():
             if name not in names:
@@ -97,17 +158,28 @@ class Builder:
         return node
 
     def note(self, text: str) -> None:
-        self.notes.append(text)
+        """The note at the top of the workflow: what it shows and what to set first."""
+        self.text = text
 
-    def _depths(self) -> dict[int, int]:
-        depth = {}
+    def sizes(self, measured: dict[int, tuple[float, float]] | None) -> dict[int, tuple[float, float]]:
+        """Each node's size: as measured in the frontend (else estimated), at least its minimum size,
+        plus room for a preview."""
+        out = {}
+        for node in self.nodes:
+            width, height = (measured or {}).get(node.id) or estimated_size(node)
+            floor = node.min_size or (DEFAULT_WIDTH, 0)
+            width, height = max(width, floor[0]), max(height, floor[1])
+            out[node.id] = (width, height + (PREVIEW_HEIGHT if node.shows_preview else 0))
+        return out
+
+    def workflow(self, measured: dict[int, tuple[float, float]] | None = None) -> dict:
+        """The frontend-format workflow; ``measured``: node id → (width, height) as the frontend renders it."""
+        sizes = self.sizes(measured)
+        boxes: dict[int, layout.Box] = {}
         for node in self.nodes:                       # nodes are added after their inputs
-            depth[node.id] = 1 + max((depth[o.node.id] for o in node.links_in.values()), default=-1)
-        return depth
-
-    def workflow(self) -> dict:
-        depth = self._depths()
-        column_y: dict[int, float] = {}
+            boxes[node.id] = layout.Box(node.id, node.stage, sizes[node.id],
+                                        [boxes[o.node.id] for o in node.links_in.values()])
+        groups = layout.place(list(boxes.values()))
         links, ui_nodes = [], []
         outgoing: dict[tuple[int, int], list[int]] = {}
         for node in self.nodes:
@@ -127,12 +199,8 @@ class Builder:
                     widgets.append(node.widgets.get(name, _default(spec)))
                     if _extra_widget(spec) is not None:
                         widgets.append(_extra_widget(spec))
-            n_rows = len(inputs) + len(widgets) + len(node.info["output"])
-            height = 46 + 24 * n_rows
-            x = 40 + 380 * depth[node.id]
-            y = column_y.get(depth[node.id], 40)
-            column_y[depth[node.id]] = y + height + 40
-            entry = {"id": node.id, "type": node.type, "pos": [x, y], "size": [340, height], "flags": {},
+            box = boxes[node.id]
+            entry = {"id": node.id, "type": node.type, "pos": [box.x, box.y], "size": list(box.size), "flags": {},
                      "order": len(ui_nodes), "mode": 0, "inputs": inputs, "outputs": [],
                      "properties": {"Node name for S&R": node.type}, "widgets_values": widgets}
             if node.title:
@@ -142,13 +210,21 @@ class Builder:
         for node, entry in zip(self.nodes, ui_nodes):
             entry["outputs"] = [{"name": names_of[node.id][i], "type": t, "slot_index": i,
                                  "links": outgoing.get((node.id, i), [])} for i, t in enumerate(node.info["output"])]
-        next_id = len(ui_nodes) + 1
-        for i, text in enumerate(self.notes):
-            ui_nodes.append({"id": next_id + i, "type": "Note", "pos": [40, -220 - 200 * i], "size": [720, 180],
-                             "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
-                             "properties": {}, "widgets_values": [text]})
+        rects = [g["bounding"] for g in groups]
+        if self.text:
+            note = self._note_entry(len(ui_nodes) + 1, layout.bounds(rects))
+            ui_nodes.append(note)
+            rects.append(layout.node_rect(note["pos"], note["size"]))
         return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4}
+                "groups": groups, "config": {}, "extra": {"ds": layout.view(rects)}, "version": 0.4}
+
+    def _note_entry(self, node_id: int, graph: list[float]) -> dict:
+        """The note, above the graph's top-left corner."""
+        width, height = note_size(self.text)
+        pos = [graph[0], graph[1] - layout.GROUP_GAP - height]
+        return {"id": node_id, "type": "MarkdownNote", "title": NOTE_TITLE, "pos": pos, "size": [width, height],
+                "flags": {}, "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                "widgets_values": [self.text], "color": "#432", "bgcolor": "#653"}
 
 
 def load(name: str) -> dict:
