@@ -268,7 +268,8 @@ def test_flashface_crop_averages_fine_texture_where_one_warp_aliases(host):
     from IDFusion.models.faces.analysis import flashface_crop
     yy, xx = np.mgrid[0:600, 0:600]
     image = np.repeat((((yy + xx) % 2) * 0.8 + 0.1)[..., None], 3, axis=2).astype(np.float32)
-    box, kps = (76.0, 76.0, 524.0, 524.0), np.array([[200.0, 250.0], [400.0, 262.0], [300, 330], [230, 420], [370, 420]])
+    box = (76.0, 76.0, 524.0, 524.0)
+    kps = np.array([[200.0, 250.0], [400.0, 262.0], [300, 330], [230, 420], [370, 420]])
     ours = flashface_crop(image, box, kps, 224)
     theta = math.radians(-math.degrees(math.atan2(12, 200)))
     centre = np.array([300.0, 300.0])

@@ -136,7 +136,8 @@ def test_flashface_extra_attention_with_counted_references_reads_nothing(host, m
     from IDFusion.models.references import FlashFaceModules, ReferenceFeatures, ReferenceIdentity
     from IDFusion.nodes.loaders import ReferenceNetLoader
     from IDFusion.nodes.reference import ReferenceAttention, find_flashface_patch, replace_flashface_patch
-    model, refnet = ReferenceNetLoader.execute(models.tiny_sd15(), fx.write_tiny_checkpoints()["safetensors"].name).result
+    checkpoint = fx.write_tiny_checkpoints()["safetensors"].name
+    model, refnet = ReferenceNetLoader.execute(models.tiny_sd15(), checkpoint).result
     ident = ReferenceIdentity("face", torch.randn(1, 4, 8, 8, generator=E.gen(3)), E.context(4), counts=(4,))
     mask = torch.zeros(LATENT * 8, LATENT * 8)
     mask[20:70, 30:80] = 1

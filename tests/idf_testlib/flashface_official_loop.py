@@ -29,7 +29,8 @@ AE_SCALE = 0.18215
 NUM_PAIRS = 4
 
 
-def scaled_linear_sigmas(n: int = NUM_TIMESTEPS, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX) -> torch.Tensor:
+def scaled_linear_sigmas(n: int = NUM_TIMESTEPS, beta_min: float = BETA_MIN,
+                         beta_max: float = BETA_MAX) -> torch.Tensor:
     """``noise_schedule('scaled_linear')``: VP sigmas [n], float64."""
     betas = torch.linspace(beta_min ** 0.5, beta_max ** 0.5, n, dtype=torch.float64) ** 2
     return torch.sqrt(1 - torch.cumprod(1 - betas, dim=0))
