@@ -5,7 +5,8 @@ cross-attention under one softmax.
 
 Identity weights and routing enter as an additive bias on the logits of each identity's
 keys: ``log(weight·α_i(q))``. A weight of 0, or a query routed away from identity i
-(α_i(q) = 0), gives −inf: exactly zero attention to those keys. Text keys always stay
+(α_i(q) = 0), gives −inf: exactly zero attention to those keys. A reference that counts m
+times (padded by repetition) gets log m more on its keys. Text keys always stay
 available, so no query is ever left without keys.
 """
 from __future__ import annotations
@@ -14,21 +15,30 @@ from typing import Sequence
 
 import torch
 
-from .reference import AttentionFn
+from .reference import AttentionFn, Counts
 
 
 def identity_bias(alpha: torch.Tensor, text_len: int, ref_lens: Sequence[int], weight: float,
-                  dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive bias ``[B|1, Lq|1, text_len + ΣR_i]``; None when it would be all zeros.
+                  dtype: torch.dtype, counts: Sequence[Counts | None] | None = None) -> torch.Tensor:
+    """Additive bias ``[B|1, Lq|1, text_len + ΣR_i]``.
 
-    alpha: [B|1, Lq|1, M] per-query identity weights (mixing × routing), ≥ 0.
+    alpha: [B|1, Lq|1, M] per-query identity weights (mixing × routing), ≥ 0. counts[i]: runs
+    ``(keys, log m)`` over identity i's keys: a reference that counts m times gets log m more
+    (None: each key once). All zeros when every scaled weight is 1 and nothing counts twice:
+    callers that know this on the host skip the bias.
     """
-    scaled = (alpha.float() * weight).clamp_min(0)
-    if bool((scaled == 1).all()):
-        return None
+    acc = torch.promote_types(dtype, torch.float32)
+    scaled = (alpha.to(acc) * weight).clamp_min(0)
     logs = torch.log(scaled)                                               # 0 → −inf
-    pieces = [torch.zeros(*scaled.shape[:2], text_len, dtype=torch.float32, device=alpha.device)]
-    pieces += [logs[:, :, i:i + 1].expand(-1, -1, n) for i, n in enumerate(ref_lens)]
+    pieces = [torch.zeros(*scaled.shape[:2], text_len, dtype=acc, device=alpha.device)]
+    for i, n in enumerate(ref_lens):
+        runs = None if counts is None else counts[i]
+        if not runs:
+            pieces.append(logs[:, :, i:i + 1].expand(-1, -1, n))
+            continue
+        if sum(length for length, _ in runs) != n:
+            raise ValueError(f"identity {i}: counts cover {sum(length for length, _ in runs)} keys but it has {n}")
+        pieces += [(logs[:, :, i:i + 1] + log_m).expand(-1, -1, length) for length, log_m in runs]
     return torch.cat(pieces, dim=-1).to(dtype)
 
 

@@ -6,7 +6,9 @@ attention over the union of their keys without recomputing anything:
     Attn(q, [a; b]) = σ(L_a − L_b)·O_a + σ(L_b − L_a)·O_b
 
 which is how the λ-blend of reference attention costs one attention over the
-concatenated keys instead of two full attentions.
+concatenated keys instead of two full attentions. Keys that appear m times in the softmax
+(a reference repeated m times) are the same keys with log m added to their logits, so
+``L + log m`` stands for them without duplicating a key (``attention_lse_counted``).
 
 Layout follows ComfyUI's attention functions: q, k, v are ``[B, L, H·D]``; the outputs are
 ``out [B, Lq, H·D]`` and ``lse [B, H, Lq]`` (natural log, float32; float64 for float64
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 
 import torch
 
@@ -139,3 +142,47 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int)
 def merge_weight(lse_self: torch.Tensor, lse_other: torch.Tensor) -> torch.Tensor:
     """σ(L_other − L_self): the share of attention mass the other keys take in the union."""
     return torch.sigmoid(lse_other - lse_self)
+
+
+def merge_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of disjoint key sets from each set's attention.
+
+    parts[j] = (out_j [B, Lq, H·D], lse_j [B, H, Lq]); returns ``(Σ_j e^(L_j − L)·O_j, L)`` with
+    ``L = log Σ_j e^(L_j)``: out in the parts' dtype (summed in the accumulation dtype), lse as given.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    b, lq, c = parts[0][0].shape
+    dtype = parts[0][0].dtype
+    acc = accumulation_dtype(dtype)
+    out = torch.zeros(b, lq, heads, c // heads, dtype=acc, device=lse.device)
+    for o, part_lse in parts:
+        share = torch.exp(part_lse - lse).transpose(1, 2).unsqueeze(-1).to(acc)      # [B, Lq, H, 1]
+        out = out + share * o.view(b, lq, heads, c // heads).to(acc)
+    return out.to(dtype).view(b, lq, c), lse
+
+
+def attention_lse_counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                          counts: Sequence[tuple[int, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_lse`` where keys count several times in the softmax.
+
+    counts: runs ``(length, log m)`` that cover k's keys in order: the keys of a run count m
+    times each (a reference repeated m times), as if they were there m times. None: once each.
+    One attention when every run has the same m (its log m is added to L), one per run otherwise.
+    """
+    if not counts:
+        return attention_lse(q, k, v, heads)
+    if sum(length for length, _ in counts) != k.shape[1]:
+        raise ValueError(f"counts cover {sum(n for n, _ in counts)} keys but there are {k.shape[1]}")
+    logs = {log_m for _, log_m in counts}
+    if len(logs) == 1:
+        out, lse = attention_lse(q, k, v, heads)
+        log_m = logs.pop()
+        return out, (lse + log_m if log_m else lse)
+    parts, start = [], 0
+    for length, log_m in counts:
+        out, lse = attention_lse(q, k[:, start:start + length], v[:, start:start + length], heads)
+        parts.append((out, lse + log_m))
+        start += length
+    return merge_lse(parts, heads)

@@ -9,13 +9,18 @@ around ``BaseModel._apply_model`` then, for each call:
    current timestep — from the cache, or by one reference pass per identity for the union
    of the features all specs need — and moves them to the device once;
 3. works out, per batch row, which rows get references (the guider may give them to one
-   branch only) and λ;
+   branch only) and λ — on the host, from the strengths and ``cond_or_uncond``, so the
+   attention patches never read a device tensor back (no host-device synchronisation);
 
-and leaves it in ``transformer_options["idfusion_call"]`` for the attention patches.
+and leaves it in ``transformer_options["idfusion_call"]`` for the attention patches. The one
+device→host read of a call is the sigma and its timestep (``step_values``): the cache key
+needs the timestep on the host.
 """
 from __future__ import annotations
 
 import logging
+import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -92,14 +97,17 @@ class Guidance:
 
 @dataclass
 class SpecCall:
-    """A spec's state for one UNet call."""
+    """A spec's state for one UNet call. Tensors named ``*_host`` live on the CPU: the patches
+    decide with them which rows and identities to compute, without reading the device."""
 
     spec: Spec
-    row_strength: torch.Tensor                                  # [B] λ (or weight) per row, 0 = off
+    row_strength: torch.Tensor                                  # [B] λ (or weight) per row, 0 = off; device
     refs: list[dict[FeatureKey, torch.Tensor]]                  # per identity: (block, kind) → [1, N·L, C]
     latent_hw: tuple[int, int]
-    per_item: torch.Tensor | None = None                        # [B] identity index per row (MODE_PER_ITEM)
-    alphas: dict = field(default_factory=dict)                  # seq_len → α [B|1, L, M]
+    row_strength_host: torch.Tensor                             # [B] the same on the CPU
+    per_item: torch.Tensor | None = None                        # [B] identity index per row (MODE_PER_ITEM), CPU
+    counts: list = field(default_factory=list)                  # per identity: ((references, log m), …) or None
+    alphas: dict = field(default_factory=dict)                  # seq_len → (α [B|1, L|1, M] device, used, ones)
 
 
 @dataclass
@@ -182,11 +190,37 @@ def row_items(cond_or_uncond: list, rows: int) -> torch.Tensor:
     return torch.arange(rows) % max(1, per)
 
 
+_percent_sigmas: "weakref.WeakKeyDictionary[torch.nn.Module, dict[float, float]]" = weakref.WeakKeyDictionary()
+
+
+def percent_to_sigma(model_sampling, percent: float) -> float:
+    """``model_sampling.percent_to_sigma``, remembered per model sampling (the host computes it
+    on the device and reads it back: once per value, not at every call)."""
+    known = _percent_sigmas.setdefault(model_sampling, {})
+    if percent not in known:
+        known[percent] = float(model_sampling.percent_to_sigma(percent))
+    return known[percent]
+
+
 def spec_active(spec: Spec, base_model, sigma: float) -> bool:
     ms = base_model.model_sampling
-    start = float(ms.percent_to_sigma(spec.start_percent))
-    end = float(ms.percent_to_sigma(spec.end_percent))
-    return end <= sigma <= start
+    return percent_to_sigma(ms, spec.end_percent) <= sigma <= percent_to_sigma(ms, spec.start_percent)
+
+
+def step_values(base_model, sigma: torch.Tensor) -> tuple[float, float, bool]:
+    """(σ of the first row, its timestep, whether every row has that σ): the one device→host
+    read of a UNet call, in a single transfer."""
+    s = sigma.reshape(-1)
+    timestep = base_model.model_sampling.timestep(s[:1]).reshape(1).float()
+    uniform = (s == s[:1]).all().reshape(1).float()
+    sig, t, same = torch.cat([s[:1].float(), timestep.to(s.device), uniform]).cpu().tolist()
+    return sig, t, bool(same)
+
+
+def log_runs(ident: ReferenceIdentity) -> tuple[tuple[int, float], ...] | None:
+    """An identity's runs of equally counted references as ``(references, log m)``."""
+    runs = ident.runs
+    return None if runs is None else tuple((n, math.log(c)) for n, c in runs)
 
 
 def _row_strength(spec: Spec, conds: torch.Tensor, guidance: Guidance | None) -> torch.Tensor:
@@ -204,8 +238,8 @@ def _row_strength(spec: Spec, conds: torch.Tensor, guidance: Guidance | None) ->
 
 def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, transformer_options: dict) -> CallState:
     """Features and per-row state for every spec active at this sigma (see module docstring)."""
-    sig = float(sigma.reshape(-1)[0])
-    if sigma.numel() > 1 and not bool(torch.all(sigma == sigma.reshape(-1)[0])):
+    sig, timestep, uniform = step_values(base_model, sigma)
+    if not uniform:
         logger.debug("IDFusion: rows at different sigmas in one call; reference features use sigma %.4f", sig)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
     conds = row_conds(cond_or_uncond, x.shape[0])
@@ -214,7 +248,6 @@ def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, t
     active = [s for s in plan.specs if id(s) in strengths and bool((strengths[id(s)] != 0).any())]
     if not active:
         return CallState({}, base_model.diffusion_model)
-    timestep = float(base_model.model_sampling.timestep(sigma.reshape(-1)[:1]).float()[0])
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
     device = x.device
 
@@ -234,7 +267,9 @@ def prepare_call(base_model, plan: Plan, x: torch.Tensor, sigma: torch.Tensor, t
         per_item = None
         if spec.routing.mode == MODE_PER_ITEM:
             per_item = row_items(cond_or_uncond, x.shape[0]) % spec.features.count
-        states[id(spec)] = SpecCall(spec, strengths[id(spec)].to(device), refs, latent_hw, per_item)
+        strength = strengths[id(spec)]
+        states[id(spec)] = SpecCall(spec, strength.to(device, non_blocking=True), refs, latent_hw, strength, per_item,
+                                    [log_runs(ident) for ident in spec.features.identities])
     return CallState(states, base_model.diffusion_model)
 
 
@@ -257,7 +292,7 @@ def position_channel(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor
         m = torch.nn.functional.interpolate(m.unsqueeze(1), size=(h, w), mode="nearest").squeeze(1)
     if m.shape[0] not in (1, b):
         m = m[:1]
-    return m.unsqueeze(1).expand(b, -1, -1, -1).to(device=x.device, dtype=x.dtype)
+    return m.unsqueeze(1).expand(b, -1, -1, -1).to(device=x.device, dtype=x.dtype, non_blocking=True)
 
 
 def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):

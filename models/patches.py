@@ -8,6 +8,11 @@
   ``A′(y, y)``: the FlashFace UNet was trained with it.
 - ``FusedKV`` (attn2 replace): cross-attention keys/values ``[K_text; K_f1; …]``.
 
+A reference that counts m times (FlashFace pads to four references by repetition) adds
+log m to its share of the softmax; its keys are projected and attended once. Which rows and
+identities to compute is decided on the host (``RowWeights.used``): the patches read no
+device tensor back, so they never synchronise with a GPU.
+
 Each patch reads the per-call state left by ``engine.apply_model_wrapper`` in
 ``extra_options["idfusion_call"]``; without it (outside the schedule, or a plain call) it
 computes exactly what the unpatched block computes. Patches hold block keys, never modules
@@ -19,6 +24,7 @@ sampling) drops what a patch keeps between calls.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -100,8 +106,10 @@ def _latent_masks(call: SpecCall, which: str, masks: torch.Tensor) -> torch.Tens
     return cache[key]
 
 
-def spec_alpha(call: SpecCall, seq_len: int, device) -> torch.Tensor:
-    """Per-query identity weights α for one spec at one layer: [B|1, L|1, M] (no strength)."""
+def spec_alpha(call: SpecCall, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query identity weights α for one spec at one layer (no strength), built on the CPU:
+    (α [B|1, L|1, M] on the device; on the CPU: [B|1, M] bool, α not all zero on the row, and
+    [M] bool, every α of the identity exactly 1)."""
     if seq_len in call.alphas:
         return call.alphas[seq_len]
     spec, routing = call.spec, call.spec.routing
@@ -123,19 +131,44 @@ def spec_alpha(call: SpecCall, seq_len: int, device) -> torch.Tensor:
             region = _latent_masks(call, "region", routing.region.reshape(1, 1, *routing.region.shape[-2:]))
             routing._alpha[cache_key] = query_weights(region, seq_len, call.latent_hw, torch.ones(1), "none")
         alpha = alpha * routing._alpha[cache_key]
-    alpha = alpha.to(device)
-    call.alphas[seq_len] = alpha
-    return alpha
+    entry = (alpha.to(device, non_blocking=True), alpha.amax(dim=1) > 0, (alpha == 1).flatten(0, 1).all(dim=0))
+    call.alphas[seq_len] = entry
+    return entry
 
 
-def _weights(calls: list[SpecCall], seq_len: int, rows: int, device) -> torch.Tensor:
-    """[B, L|1, ΣM]: λ_row·α for every identity of every active spec, in spec order."""
-    parts = []
+@dataclass
+class RowWeights:
+    """Every active spec's identities side by side, in spec order."""
+
+    values: torch.Tensor        # [B, L|1, ΣM] λ_row·α on the device
+    used: torch.Tensor          # [B, ΣM] bool on the CPU: the row uses the identity
+    ones: torch.Tensor          # [ΣM] bool on the CPU: every value of the identity is exactly 1
+
+
+def _weights(calls: list[SpecCall], seq_len: int, rows: int, device) -> RowWeights:
+    values, used, ones = [], [], []
     for call in calls:
-        alpha = spec_alpha(call, seq_len, device)
-        parts.append(call.row_strength.view(-1, 1, 1).to(device) * alpha.expand(rows, -1, -1))
-    length = max(p.shape[1] for p in parts)
-    return torch.cat([p.expand(-1, length, -1) for p in parts], dim=-1)
+        alpha, alpha_used, alpha_ones = spec_alpha(call, seq_len, device)
+        values.append(call.row_strength.view(-1, 1, 1) * alpha.expand(rows, -1, -1))
+        used.append((call.row_strength_host != 0).view(-1, 1) & alpha_used.expand(rows, -1))
+        ones.append(alpha_ones & bool((call.row_strength_host == 1).all()))
+    length = max(p.shape[1] for p in values)
+    return RowWeights(torch.cat([p.expand(-1, length, -1) for p in values], dim=-1), torch.cat(used, dim=1),
+                      torch.cat(ones))
+
+
+def _token_counts(calls: list[SpecCall], tokens: list[torch.Tensor]) -> list:
+    """Per identity (in ``_ref_tokens`` order): runs ``(keys, log m)`` of its reference tokens, or None."""
+    out = []
+    per_identity = [(call, i) for call in calls for i in range(len(call.refs))]
+    for (call, i), t in zip(per_identity, tokens):
+        runs = call.counts[i] if call.counts else None
+        if runs is None:
+            out.append(None)
+            continue
+        per_reference = t.shape[1] // sum(n for n, _ in runs)
+        out.append([(n * per_reference, log_m) for n, log_m in runs])
+    return out
 
 
 def _active_calls(specs, extra_options) -> list[SpecCall]:
@@ -174,7 +207,8 @@ class TrainingFreeReference(Shared):
         tokens = _ref_tokens(calls, self.key, "attn1")
         refs = [(attn1.to_k(r), attn1.to_v(r)) for r in tokens]
         weights = _weights(calls, q.shape[1], q.shape[0], q.device)
-        return reference_attention(q, k, v, refs, weights, heads, attend)
+        return reference_attention(q, k, v, refs, weights.values, heads, attend, _token_counts(calls, tokens),
+                                   weights.used)
 
     def cleanup(self):
         _cleanup_specs(self.specs)
@@ -212,9 +246,11 @@ class FlashFaceAttention(Shared):
         q, k, v = attn.to_q(y), attn.to_k(y), attn.to_v(y)
         calls = _active_calls(self.specs, extra_options)
         if calls:
-            refs = [(attn.to_k(r), attn.to_v(r)) for r in _ref_tokens(calls, key, "attn1")]
+            tokens = _ref_tokens(calls, key, "attn1")
+            refs = [(attn.to_k(r), attn.to_v(r)) for r in tokens]
             weights = _weights(calls, q.shape[1], q.shape[0], q.device)
-            o = reference_attention(q, k, v, refs, weights, heads, attend)
+            o = reference_attention(q, k, v, refs, weights.values, heads, attend, _token_counts(calls, tokens),
+                                    weights.used)
         else:
             o = attend(q, k, v, heads)
         return n + attn.to_out(o)
@@ -262,14 +298,22 @@ class FusedKV(Shared):
                     active.append((call, *projection))
         if not active:
             return attend(q, k, v, heads)
-        weights = _weights([a[0] for a in active], q.shape[1], q.shape[0], q.device)       # [B, L|1, M]
-        used = weights.flatten(0, 1).amax(dim=0) > 0                                       # [M]
-        if not bool(used.any()):
+        calls = [a[0] for a in active]
+        weights = _weights(calls, q.shape[1], q.shape[0], q.device)                       # values [B, L|1, M]
+        used = weights.used.any(dim=0).tolist()                                            # [M], on the host
+        if not any(used):
             return attend(q, k, v, heads)
         projected = [(kf, vf, refs[(self.key, "attn2")]) for call, kf, vf in active for refs in call.refs]
-        keep = [i for i in range(len(projected)) if bool(used[i])]
+        keep = [i for i, u in enumerate(used) if u]
         faces = [(kf(h.to(q.dtype)), vf(h.to(q.dtype))) for kf, vf, h in (projected[i] for i in keep)]
-        bias = identity_bias(weights[:, :, keep], k.shape[1], [f[0].shape[1] for f in faces], 1.0, q.dtype)
+        counts = _token_counts(calls, [p[2] for p in projected])
+        counts = [counts[i] for i in keep]
+        bias = None
+        if not bool(weights.ones[keep].all()) or any(counts):
+            values = weights.values
+            if len(keep) < len(used):
+                values = torch.cat([values[:, :, i:i + 1] for i in keep], dim=-1)
+            bias = identity_bias(values, k.shape[1], [f[0].shape[1] for f in faces], 1.0, q.dtype, counts)
         return fused_kv_attention(q, k, v, faces, bias, heads, attend)
 
     def models(self):

@@ -16,6 +16,16 @@ from .feature_cache import DiskCache, tensor_digest
 
 TRAINING_FREE = "training-free"
 FLASHFACE = "flashface"
+#: FlashFace's official code always attends over this many references (``cfg.num_pairs``).
+FLASHFACE_REFERENCE_COUNT = 4
+
+
+def cyclic_counts(n: int, total: int) -> tuple[int, ...] | None:
+    """How often each of n references appears when they are repeated in turn up to ``total``
+    (r1, r2, r3, r1, …): ``(2, 1, 1)`` for 3 of 4. None when there is nothing to repeat."""
+    if total <= n:
+        return None
+    return tuple(total // n + (1 if i < total % n else 0) for i in range(n))
 
 
 class Shared:
@@ -74,8 +84,11 @@ class ReferenceIdentity(Shared):
     """One identity's references, encoded and ready for reference passes.
 
     latents: [N, C, h, w] clean latents in the model's space (VAE mean × latent scale), CPU.
-    context: [1, T, D] the null-text context the reference pass runs with, CPU.
+    context: [1, T, D] the text context the reference pass runs with (FlashFace: the encoded
+    negative prompt; or the empty prompt), CPU.
     y: [1, A] the ADM vector for SDXL-style models (None for SD1.5).
+    counts: how many times each reference counts in attention (FlashFace pads to four by
+    repetition); None = once each. The reference pass runs on the N distinct latents only.
     """
 
     label: str
@@ -83,11 +96,30 @@ class ReferenceIdentity(Shared):
     context: torch.Tensor
     y: torch.Tensor | None = None
     disk_cache: DiskCache | None = None
+    counts: tuple[int, ...] | None = None
     _digests: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.counts is not None and (len(self.counts) != self.count or min(self.counts) < 1):
+            raise ValueError(f"counts {self.counts} do not fit {self.count} references (one count >= 1 each)")
 
     @property
     def count(self) -> int:
         return int(self.latents.shape[0])
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...] | None:
+        """Consecutive references with the same count: ``((references, count), …)``; None when
+        each counts once."""
+        if self.counts is None or all(c == 1 for c in self.counts):
+            return None
+        runs: list[list[int]] = []
+        for c in self.counts:
+            if runs and runs[-1][1] == c:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, c])
+        return tuple((n, c) for n, c in runs)
 
     @property
     def digest(self) -> str:

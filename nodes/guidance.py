@@ -17,8 +17,9 @@ def with_guidance(model_options: dict, guidance: Guidance) -> dict:
 
 class ReferenceGuiderImpl(comfy.samplers.CFGGuider):
     """``none + s_text·(text − none) + s_ref·(text+ref − text)``, the reference active only in the
-    text+ref branch; before the launch timestep, two-way CFG with λ_before on both branches.
-    Both are rescaled against the text branch in noise space (official FlashFace)."""
+    text+ref branch; before the launch timestep, two-way CFG with λ_before on both branches;
+    with s_ref = 0, two-way CFG with the MODEL's λ on both branches after it (the official code's
+    ``classifier == 0``). All are rescaled against the text branch in noise space (official FlashFace)."""
 
     def set_settings(self, text_scale: float, reference_scale: float, lambda_before: float,
                      launch_timestep: float, rescale_phi: float):
@@ -31,8 +32,9 @@ class ReferenceGuiderImpl(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
         t = float(self.inner_model.model_sampling.timestep(timestep.reshape(-1)[:1]).float()[0])
-        if t > self.launch_timestep:
-            options = with_guidance(model_options, Guidance(ref_conds=None, strength=self.lambda_before))
+        if t > self.launch_timestep or self.reference_scale == 0:
+            strength = self.lambda_before if t > self.launch_timestep else None
+            options = with_guidance(model_options, Guidance(ref_conds=None, strength=strength))
             text, none = comfy.samplers.calc_cond_batch(self.inner_model, [positive, negative], x, timestep, options)
             eps_text, eps_none = to_eps(x, text, timestep), to_eps(x, none, timestep)
             guided = two_way(eps_none, eps_text, self.text_scale)
@@ -59,8 +61,9 @@ class ReferenceGuider(io.ComfyNode):
             category="IDFusion/guidance",
             description="FlashFace's three-way guidance for SamplerCustomAdvanced: none + s_text·(text − none) + "
                         "s_ref·(text+ref − text). The reference is active only in the text+ref branch; before the "
-                        "launch timestep, plain CFG with λ_before on both branches. Needs a MODEL patched by "
-                        "'IDFusion Reference Attention'.",
+                        "launch timestep, plain CFG with λ_before on both branches (with reference_scale 0: plain "
+                        "CFG with the MODEL's λ after it). Needs a MODEL patched by 'IDFusion Reference Attention'. "
+                        "FlashFace's sampler: DDIM with the 'simple' scheduler (the official 'trailing' steps).",
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL patched by 'IDFusion Reference Attention'."),
                 io.Conditioning.Input("positive", tooltip="The prompt."),
@@ -68,7 +71,8 @@ class ReferenceGuider(io.ComfyNode):
                 io.Float.Input("text_scale", default=7.5, min=0.0, max=30.0, step=0.1,
                                tooltip="s_text, classifier-free guidance on the text (FlashFace: 7.5)."),
                 io.Float.Input("reference_scale", default=2.0, min=0.0, max=10.0, step=0.05,
-                               tooltip="s_ref, guidance on the reference (paper: 2–2.5; official demo 3.2)."),
+                               tooltip="s_ref, guidance on the reference (paper: 2–2.5; official demo 3.2). 0 = "
+                                       "plain CFG with the reference on both branches (as the official code)."),
                 io.Float.Input("lambda_before", default=0.85, min=0.0, max=2.0, step=0.01,
                                tooltip="λ_feat on both branches before the launch timestep (official: 0.85)."),
                 io.Int.Input("launch_timestep", default=750, min=0, max=1000, step=1,

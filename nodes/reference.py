@@ -46,19 +46,86 @@ def _reference_crops(images, identity) -> tuple[torch.Tensor, str]:
     return face_crops(images, "IDFusionFaceFeatures: 'images'"), "identity"
 
 
+CONTEXT_AUTO = "auto (FlashFace: negative prompt; training-free: empty prompt)"
+CONTEXT_NEGATIVE = "negative prompt"
+CONTEXT_EMPTY = "empty prompt"
+CONTEXT_CHOICES = (CONTEXT_AUTO, CONTEXT_NEGATIVE, CONTEXT_EMPTY)
+
+
+def resolve_context(choice: str, refnet_kind: str) -> str:
+    """The reference context a choice means for a ReferenceNet: FlashFace's official reference
+    pass runs with the encoded negative prompt; training-free defaults to the empty prompt
+    (docs/flashface_official.md says why)."""
+    from ..models.references import FLASHFACE
+    if choice == CONTEXT_AUTO:
+        return CONTEXT_NEGATIVE if refnet_kind == FLASHFACE else CONTEXT_EMPTY
+    return choice
+
+
+def _adm(model_patcher, extra: dict, size: int) -> torch.Tensor | None:
+    """The ADM vector of a text encoding (SDXL-style models; its pooled output, sizes of the
+    reference crop), None for SD1.5."""
+    params = dict(extra, pooled_output=extra.get("pooled_output"), width=size, height=size, crop_w=0, crop_h=0,
+                  target_width=size, target_height=size, device="cpu")
+    y = model_patcher.model.encode_adm(**params)
+    return None if y is None else y.float().cpu()
+
+
+def _check_width(context: torch.Tensor, model_patcher, what: str) -> None:
+    unet = model_patcher.model.diffusion_model
+    expected = next(iter(transformer_blocks(unet).values())).attn2.to_k.weight.shape[1]
+    if context.shape[-1] != expected:
+        raise ValueError(f"IDFusionFaceFeatures: {what} gives {context.shape[-1]}-wide text features but the model "
+                         f"expects {expected}; connect the CLIP of the same checkpoint")
+
+
 def null_context(clip, model_patcher, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The empty prompt's context [1, T, D] (FlashFace's reference context) and the ADM vector."""
+    """The empty prompt's context [1, T, D] and the ADM vector."""
     tokens = clip.tokenize("")
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
     context = out.pop("cond").float().cpu()
-    base = model_patcher.model
-    y = base.encode_adm(pooled_output=out.get("pooled_output"), width=size, height=size, crop_w=0, crop_h=0,
-                        target_width=size, target_height=size, device="cpu", **{k: v for k, v in out.items() if k != "pooled_output"})
-    expected = next(iter(transformer_blocks(base.diffusion_model).values())).attn2.to_k.weight.shape[1]
-    if context.shape[-1] != expected:
-        raise ValueError(f"IDFusionFaceFeatures: 'clip' gives {context.shape[-1]}-wide text features but the model expects "
-                         f"{expected}; connect the CLIP of the same checkpoint")
-    return context, (None if y is None else y.float().cpu())
+    _check_width(context, model_patcher, "'clip'")
+    return context, _adm(model_patcher, out, size)
+
+
+def negative_context(negative, model_patcher, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoded negative prompt of a CONDITIONING [1, T, D] and its ADM vector."""
+    if not isinstance(negative, list) or len(negative) != 1:
+        count = len(negative) if isinstance(negative, list) else "no"
+        raise ValueError(f"IDFusionFaceFeatures: 'negative' holds {count} conditionings; the reference pass runs with "
+                         f"one text encoding: connect the negative prompt's CLIP Text Encode output itself")
+    cond, extra = negative[0]
+    if cond.ndim != 3 or cond.shape[0] != 1:
+        raise ValueError(f"IDFusionFaceFeatures: 'negative' is a batch of {cond.shape[0]} encodings (shape "
+                         f"{tuple(cond.shape)}); connect one negative prompt")
+    context = cond.float().cpu()
+    _check_width(context, model_patcher, "'negative'")
+    return context, _adm(model_patcher, dict(extra), size)
+
+
+def context_for(choice: str, reference_net, clip, negative, size: int):
+    """(context [1, T, D], ADM vector) the reference pass runs with, for the node's inputs."""
+    resolved = resolve_context(choice, reference_net.kind)
+    why = f"reference_context is '{choice}'" + (f" (with {reference_net.label}: {resolved})"
+                                                 if choice == CONTEXT_AUTO else "")
+    if resolved == CONTEXT_NEGATIVE:
+        if negative is None:
+            raise ValueError(f"IDFusionFaceFeatures: {why} but 'negative' is not connected; connect the negative "
+                             f"CONDITIONING your sampler or guider gets (FlashFace's reference pass runs with the "
+                             f"encoded negative prompt), or set reference_context to '{CONTEXT_EMPTY}'")
+        return negative_context(negative, reference_net.model_patcher, size)
+    if clip is None:
+        raise ValueError(f"IDFusionFaceFeatures: {why} but 'clip' is not connected; connect the checkpoint's CLIP "
+                         f"(it encodes the empty prompt), or connect 'negative' and choose '{CONTEXT_NEGATIVE}'")
+    return null_context(clip, reference_net.model_patcher, size)
+
+
+def reference_counts(count: int, n: int, refnet_kind: str) -> tuple[int, ...] | None:
+    """How often each of n references counts (0 = auto: FlashFace's four, else once each)."""
+    from ..models.references import FLASHFACE, FLASHFACE_REFERENCE_COUNT, cyclic_counts
+    if count == 0:
+        count = FLASHFACE_REFERENCE_COUNT if refnet_kind == FLASHFACE else n
+    return cyclic_counts(n, count)
 
 
 class FaceFeatures(io.ComfyNode):
@@ -69,12 +136,18 @@ class FaceFeatures(io.ComfyNode):
             display_name="IDFusion Face Features",
             category="IDFusion/reference",
             description="Encodes one person's reference faces for reference attention and fused keys/values. "
-                        "During sampling, one reference pass per step (with the empty prompt) collects the "
-                        "reference features; they are cached by content, so repeated runs skip the passes.",
+                        "During sampling, one reference pass per step (with the reference context: FlashFace's "
+                        "official one is the encoded negative prompt) collects the reference features; they are "
+                        "cached by content and context, so repeated runs skip the passes.",
             inputs=[
                 types.ReferenceNet.Input("reference_net", tooltip="From 'IDFusion ReferenceNet Loader'."),
                 io.Vae.Input("vae", tooltip="The VAE that encodes the reference crops to clean latents."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the empty prompt the reference pass runs with."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The checkpoint's CLIP: encodes the empty prompt when the reference context "
+                                      "is the empty prompt."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The negative prompt your sampler or guider gets: FlashFace's "
+                                              "reference pass runs with it (changing it recomputes the features)."),
                 io.Image.Input("images", optional=True,
                                tooltip="Face crops of ONE person (1–N), at least 32 pixels on each side: scaled and "
                                        "padded to a black square (FlashFace's PadToSquare); grayscale is repeated to "
@@ -86,18 +159,28 @@ class FaceFeatures(io.ComfyNode):
                                  tooltip="Also keep reference features on disk (safetensors in ComfyUI's "
                                          "user/__idfusion/feature_cache, a system folder the web API does not serve), "
                                          "so a re-run after a restart skips the reference passes."),
+                io.Combo.Input("reference_context", options=list(CONTEXT_CHOICES), default=CONTEXT_AUTO,
+                               tooltip="The text the reference pass runs with. FlashFace's official code: the "
+                                       "encoded negative prompt (connect 'negative'). Empty prompt: features shared "
+                                       "by every negative prompt (needs 'clip')."),
+                io.Int.Input("reference_count", default=0, min=0, max=64,
+                             tooltip="How many references attention counts: fewer crops are repeated in turn up "
+                                     "to this count (weighted, not recomputed). 0 = auto: 4 with FlashFace weights "
+                                     "(the official code always attends over four), each crop once training-free."),
             ],
             outputs=[types.ReferenceFeatures.Output(display_name="features",
                                                     tooltip="Feed to 'IDFusion Reference Attention' or 'IDFusion Fused KV'.")],
         )
 
     @classmethod
-    def execute(cls, reference_net, vae, clip, size, disk_cache, images=None, identity=None) -> io.NodeOutput:
+    def execute(cls, reference_net, vae, size, disk_cache, reference_context, reference_count, clip=None,
+                negative=None, images=None, identity=None) -> io.NodeOutput:
         from ..models.feature_cache import DiskCache
         from ..models.faces.analysis import pad_to_square
         from ..models.references import ReferenceFeatures, ReferenceIdentity
 
         crops, label = _reference_crops(images, identity)
+        context, y = context_for(reference_context, reference_net, clip, negative, size)
         crops = pad_to_square(crops, size)
         base = reference_net.model_patcher.model
         latents = vae.encode(crops)
@@ -106,9 +189,11 @@ class FaceFeatures(io.ComfyNode):
             raise ValueError(f"IDFusionFaceFeatures: 'vae' makes {latents.shape[1]}-channel latents but the model uses "
                              f"{channels}; connect the VAE of the same model family")
         latents = base.latent_format.process_in(latents.float()).cpu()
-        context, y = null_context(clip, reference_net.model_patcher, size)
-        ident = ReferenceIdentity(label, latents, context, y, DiskCache(disk_cache_folder()) if disk_cache else None)
-        logger.info("IDFusion: %d reference crop(s) of '%s' encoded at %d px", ident.count, label, size)
+        counts = reference_counts(reference_count, latents.shape[0], reference_net.kind)
+        ident = ReferenceIdentity(label, latents, context, y, DiskCache(disk_cache_folder()) if disk_cache else None,
+                                  counts)
+        logger.info("IDFusion: %d reference crop(s) of '%s' encoded at %d px%s", ident.count, label, size,
+                    f", counted {list(counts)} times" if counts else "")
         return io.NodeOutput(ReferenceFeatures(reference_net, (ident,), (1.0,)))
 
 

@@ -69,6 +69,7 @@ ROWS = {
     "consistentid": "ConsistentID: LoRA + ID tokens in every cross-attention (× unpatched)",
     "memory": "peak memory growth, MiB: unpatched / cold / cached",
     "passes": "reference passes, sampling run 1 / run 2 (target: run 2 = 0)",
+    "syncs": "host-device synchronisations in one cached call (CUDA; target 1: the timestep)",
     "consistentid_encode": "ConsistentID encoding of one 512 px photo, s: cold / cached",
     "weights_key": "weights key of the feature cache: newly loaded model, s (GB/s) / each later run, ms",
 }
@@ -428,6 +429,32 @@ def size_cases(model, width: int, size: int, refs: list[int], ref_latent: int, d
     return cases, patched
 
 
+def count_syncs(run: Callable[[], object]) -> int:
+    """Host-device synchronisations during ``run`` on CUDA, as ``torch.cuda.set_sync_debug_mode``
+    reports them (one warning each)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            torch.cuda.current_stream().synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def call_syncs(patched, width: int, size: int, device, dtype) -> int:
+    """Synchronisations in one cached call of a patched MODEL at batch 2."""
+    model = patched.model
+    sigma = float(model.model_sampling.percent_to_sigma(0.5))
+    timestep = float(model.model_sampling.timestep(torch.tensor([sigma])).float()[0])
+    plan_features(patched, timestep, device, dtype)
+    inputs = make_inputs(2, size // 8, width, sigma, device, dtype)
+    apply_model(patched, inputs)                                     # memos (fingerprint, percent sigmas) filled
+    return count_syncs(lambda: apply_model(patched, inputs))
+
+
 def sampling_passes(patched, width: int, size: int, steps: int) -> tuple[int, int]:
     """Reference passes counted in two identical short samplings (comfy.sample.sample, cfg > 1)."""
     from IDFusion.models.feature_cache import FEATURE_CACHE
@@ -654,7 +681,7 @@ def _mib(value: float) -> str:
 
 def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dict, sampling_size: int,
                   encoding: tuple[float, float] | None = None,
-                  weights_key: tuple[float, float, float] | None = None) -> str:
+                  weights_key: tuple[float, float, float] | None = None, syncs: dict | None = None) -> str:
     head = "| measure | size | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |"
     lines = [head, "|" + "---|" * (2 + len(refs))]
 
@@ -687,6 +714,8 @@ def results_table(sizes: list[int], refs: list[int], measured: dict, passes: dic
     if weights_key is not None:
         cold, hashed, walk = weights_key
         row("weights_key", "–", [f"{cold:.2f} ({hashed / cold:.2f}) / {walk:.1f}"] * len(refs))
+    if syncs:
+        row("syncs", f"{sizes[0]} px", [str(syncs[n]) for n in refs])
     return "\n".join(lines)
 
 
@@ -819,7 +848,13 @@ def main(argv=None) -> int:
     encoding = consistentid_encoding(cid_weights, args.quick)
     log(f"ConsistentID encoding: {encoding[0]:.2f} s, then {encoding[1]:.3f} s from the cache")
 
-    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, encoding, weights_key)
+    syncs = {}
+    if device.type == "cuda":
+        for n in args.refs:
+            syncs[n] = call_syncs(patched[("reference", n)], width, args.sizes[0], device, dtype)
+            log(f"synchronisations in one cached call, N={n}: {syncs[n]}")
+    table = results_table(args.sizes, args.refs, measured, passes, args.sampling_size, encoding, weights_key,
+                          syncs)
     header = (f"# IDFusion benchmark: {device_words(device)}\n\n"
               f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
               f"{'tiny' if args.quick else 'full-size'} random SD1.5 UNet, {str(dtype).replace('torch.', '')}; "

@@ -112,8 +112,12 @@ class Graph(Builder):
         return self.add("IDFusionIdentity", title=label, crops=crops[0], label=label, size=224)["identity"]
 
     def features(self, refnet, identity):
+        """Face Features; with FlashFace weights the reference pass runs with the negative prompt
+        (the official reference context), training-free with the empty prompt (CLIP)."""
+        flashface = refnet.widgets.get("weights") == FLASHFACE
+        context = {"negative": self.negative[0]} if flashface else {"clip": self.ckpt["CLIP"]}
         return self.add("IDFusionFaceFeatures", reference_net=refnet["reference net"], vae=self.ckpt["VAE"],
-                        clip=self.ckpt["CLIP"], identity=identity, size=224, disk_cache=False)["features"]
+                        identity=identity, size=224, disk_cache=False, **context)["features"]
 
     def empty_latent(self, width: int, height: int):
         return self.add("EmptyLatentImage", width=width, height=height, batch_size=1)["LATENT"]
@@ -130,7 +134,8 @@ class Graph(Builder):
         self.save(self.guided_sampling(model, self.empty_latent(width, height)), prefix)
 
     def guided_sampling(self, model, latent, denoise: float = 1.0):
-        """FlashFace's sampling of ``latent``: three-way reference guidance, DDIM over uniform timesteps."""
+        """FlashFace's sampling of ``latent``: three-way reference guidance, DDIM over the official
+        'trailing' timesteps (the 'simple' scheduler: 999, 959, …, 39 for 25 steps)."""
         guider = self.add("IDFusionReferenceGuider", model=model, positive=self.positive[0], negative=self.negative[0],
                           text_scale=7.5, reference_scale=2.0, lambda_before=0.85, launch_timestep=750, rescale=0.5)
         sampler = self.add("KSamplerSelect", sampler_name="ddim")

@@ -80,14 +80,12 @@ def id_token_attention(spec: IDTokens, index: str, q: torch.Tensor, extra_option
     attend = host_attention(extra_options)
     heads = extra_options["n_heads"]
     latent_hw = tuple(extra_options.get("original_shape", [0, 0, 0, 0])[-2:])
-    alpha = spec.alpha(q.shape[1], latent_hw, cond_or_uncond, rows)
-    if alpha is None:
+    alpha = spec.alpha(q.shape[1], latent_hw, cond_or_uncond, rows)              # on the host
+    if alpha is None or bool((alpha == 1).all()):
         return attend(q, keys, values, heads)
-    alpha = alpha.to(q.device).expand(rows, -1, -1)
+    alpha = alpha.to(q.device, non_blocking=True).expand(rows, -1, -1)
     covered = alpha.sum(-1, keepdim=True) > 0                        # [B, L|1, 1]
     bias = identity_bias(alpha, 0, [t] * m, 1.0, q.dtype)
-    if bias is None:
-        return attend(q, keys, values, heads)
     bias = torch.where(covered, bias, torch.zeros_like(bias)).expand(-1, q.shape[1], -1)
     return attend(q, keys, values, heads, mask=bias) * covered.to(q.dtype)
 

@@ -164,7 +164,7 @@ def reference_blend(q, out, lse, heads: int, block, calls, txt: int, image_end: 
     weights, parts = [], []
     o_img, lse_img = out[:, image], lse[:, :, image]
     for call in calls:
-        alpha = spec_alpha(call, tokens, q.device)
+        alpha = spec_alpha(call, tokens, q.device)[0]
         w = call.row_strength.view(-1, 1, 1).to(q.device) * alpha.expand(rows, -1, -1)
         for i, refs in enumerate(call.refs):
             used = w[:, :, i].abs().amax(dim=1) > 0

@@ -208,7 +208,8 @@ def _reference_calls(base_model, specs, sig, conds, cond_or_uncond, rows, guidan
         per_item = None
         if spec.routing.mode == MODE_PER_ITEM:
             per_item = row_items(cond_or_uncond, rows) % spec.features.count
-        calls.append(SpecCall(spec, strengths[id(spec)].to(device), refs, latent_hw, per_item))
+        strength = strengths[id(spec)]
+        calls.append(SpecCall(spec, strength.to(device, non_blocking=True), refs, latent_hw, strength, per_item))
     return calls
 
 

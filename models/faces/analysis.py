@@ -303,12 +303,6 @@ def select_faces(faces: list[Face], selection: str, index: int = 0) -> list[Face
     return ordered[index:index + 1]
 
 
-def eye_angle(kps: np.ndarray) -> float:
-    """Angle (radians) of the line from the left to the right eye; positive when the right eye is lower."""
-    (lx, ly), (rx, ry) = kps[0], kps[1]
-    return math.atan2(ry - ly, rx - lx)
-
-
 def expand_box(bbox, margin: float) -> tuple[float, float, float, float]:
     """The box grown by ``margin`` times its width/height on each side."""
     x1, y1, x2, y2 = bbox
@@ -316,47 +310,49 @@ def expand_box(bbox, margin: float) -> tuple[float, float, float, float]:
     return x1 - dx, y1 - dy, x2 + dx, y2 + dy
 
 
-def flashface_transform(bbox, kps: np.ndarray, size: int = 224, margin: float = 0.0) -> np.ndarray:
-    """2x3 affine from image to crop coordinates (continuous, pixel centres at +0.5) of FlashFace's crop.
+def flashface_rotation(kps: np.ndarray) -> float:
+    """Degrees (counter-clockwise, PIL's ``rotate``) that level the eyes of a crop, computed as the
+    official ``crop_face`` does: from the triangle of the two eyes and the corner below/beside them."""
+    left, right = np.asarray(kps[0], np.float64), np.asarray(kps[1], np.float64)
+    if left[1] > right[1]:
+        third, direction = np.array([right[0], left[1]]), -1
+    else:
+        third, direction = np.array([left[0], right[1]]), 1
+    a, b, c = (float(np.linalg.norm(u - w)) for u, w in ((left, third), (right, third), (right, left)))
+    if b == 0 or c == 0:
+        return 0.0
+    angle = math.degrees(math.acos(min(1.0, max(-1.0, (b * b + c * c - a * a) / (2 * b * c)))))
+    return direction * (90 - angle if direction == -1 else angle)
 
-    The (expanded) box is turned about its centre until the eyes are level, scaled so its
-    longer side is ``size``, and centred in a size x size square.
-    """
-    x1, y1, x2, y2 = expand_box(bbox, margin)
-    scale = size / max(x2 - x1, y2 - y1)
-    theta = -eye_angle(kps)
-    rot = scale * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    centre = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
-    return np.concatenate([rot, (size / 2 - rot @ centre)[:, None]], axis=1)
+
+def pad_to_square_pil(image, size: int):
+    """FlashFace's PadToSquare on a PIL image: the longer side scaled to ``size`` with PIL's
+    (bicubic, anti-aliased) resize, centred on black."""
+    from PIL import Image
+    scale = size / max(image.size)
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((width, height), Image.BICUBIC)
+    square = Image.new(image.mode, (size, size))
+    square.paste(resized, ((size - width) // 2, (size - height) // 2))
+    return square
 
 
 def flashface_crop(image: np.ndarray, bbox, kps: np.ndarray, size: int = 224, margin: float = 0.0) -> np.ndarray:
-    """FlashFace's reference crop [size, size, 3] of a float image [H, W, 3].
+    """FlashFace's reference crop [size, size, 3] (float, 0–1) of a float image [H, W, 3] (0–1).
 
-    As the official code does it: the raw box (grown by ``margin``) is cut out, turned to
-    level the eyes (what turns in from outside the box is black), then padded to a square
-    with black and resized. Made here in one resampling.
+    As the official code does it, with PIL on the 8-bit image: the box (grown by ``margin``),
+    rounded, is cut out (outside the image: black), turned about its centre to level the eyes
+    (nearest neighbour, black corners), then padded to a square with black and resized with
+    PIL's bicubic resampling, which averages (anti-aliases) when it shrinks.
     """
-    import cv2
-    matrix = flashface_transform(bbox, kps, size, margin)
-    to_index = matrix.copy()
-    to_index[:, 2] += matrix[:, :2] @ [0.5, 0.5] - 0.5
-    crop = cv2.warpAffine(image, to_index, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=(0, 0, 0))
-    return crop * _crop_support(matrix, expand_box(bbox, margin), size)[..., None]
-
-
-def _crop_support(matrix: np.ndarray, box, size: int) -> np.ndarray:
-    """[size, size] float: 1 where a crop pixel lies in the turned box's frame and comes from inside ``box``."""
-    x1, y1, x2, y2 = box
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    scale = size / max(x2 - x1, y2 - y1)
-    in_frame = (np.abs(xx - size / 2) <= scale * (x2 - x1) / 2) & (np.abs(yy - size / 2) <= scale * (y2 - y1) / 2)
-    inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
-    px = inverse[0, 0] * xx + inverse[0, 1] * yy + inverse[0, 2]
-    py = inverse[1, 0] * xx + inverse[1, 1] * yy + inverse[1, 2]
-    from_box = (px >= x1) & (px < x2) & (py >= y1) & (py < y2)
-    return (in_frame & from_box).astype(np.float32)
+    from PIL import Image
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    box = tuple(int(v) for v in np.round(np.asarray(expand_box(bbox, margin), np.float64)))
+    crop = Image.fromarray(np.ascontiguousarray(pixels)).crop(box)
+    angle = flashface_rotation(kps)
+    if angle:
+        crop = crop.rotate(angle)
+    return np.asarray(pad_to_square_pil(crop, size), np.float32) / 255.0
 
 
 def arcface_transform(kps: np.ndarray, size: int = 112) -> np.ndarray:
@@ -389,7 +385,8 @@ def face_crops(images: torch.Tensor, label: str) -> torch.Tensor:
 
 def pad_to_square(images: torch.Tensor, size: int) -> torch.Tensor:
     """FlashFace's PadToSquare for a batch [N, H, W, C] (C = 1, 3 or 4): scale the longer side to
-    ``size``, centre on black. Returns [N, size, size, 3]."""
+    ``size`` (bicubic, anti-aliased: PIL's resampling, up to its 8-bit rounding; exact at the same
+    size), centre on black. Returns [N, size, size, 3]."""
     import torch.nn.functional as F
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an IMAGE batch [N, H, W, 1|3|4], got shape {tuple(images.shape)}")
@@ -397,8 +394,10 @@ def pad_to_square(images: torch.Tensor, size: int) -> torch.Tensor:
     height, width = rgb.shape[1:3]
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = F.interpolate(rgb.movedim(-1, 1), size=(new_h, new_w), mode="bilinear", align_corners=False,
-                            antialias=True).movedim(1, -1).clamp(0, 1)
+    resized = rgb.movedim(-1, 1)
+    if (new_h, new_w) != (height, width):
+        resized = F.interpolate(resized, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    resized = resized.movedim(1, -1).clamp(0, 1)
     out = rgb.new_zeros(rgb.shape[0], size, size, 3)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[:, top:top + new_h, left:left + new_w] = resized
@@ -412,13 +411,13 @@ def mean_face() -> np.ndarray:
 
 
 def position_mask_from_box(box, height: int, width: int) -> torch.Tensor:
-    """FlashFace's face position mask [H, W]: the box becomes a square of side max(w, h) anchored
-    at (x1, y1), clipped to the image; 1 inside, 0 outside."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    side = int(round(max(x2 - x1, y2 - y1)))
-    left, top = int(math.floor(x1)), int(math.floor(y1))
+    """FlashFace's face position mask [H, W], as the official demo makes it: each box coordinate
+    truncated to an integer, then a square of side max(w, h) anchored at (x1, y1), clipped to
+    the image; 1 inside, 0 outside."""
+    x1, y1, x2, y2 = (int(float(v)) for v in box)
+    side = max(x2 - x1, y2 - y1)
     mask = torch.zeros(height, width)
-    mask[max(top, 0):max(min(top + side, height), 0), max(left, 0):max(min(left + side, width), 0)] = 1.0
+    mask[max(y1, 0):max(min(y1 + side, height), 0), max(x1, 0):max(min(x1 + side, width), 0)] = 1.0
     return mask
 
 
@@ -439,8 +438,8 @@ def draw_faces(image: np.ndarray, faces: list[Face]) -> np.ndarray:
     out = np.ascontiguousarray(image.copy())
     thickness = max(1, round(min(out.shape[:2]) / 256))
     for face in faces:
-        x1, y1, x2, y2 = (int(round(v)) for v in face.bbox)
-        side = int(round(max(face.width, face.height)))
+        x1, y1, x2, y2 = (int(v) for v in face.bbox)
+        side = max(x2 - x1, y2 - y1)
         cv2.rectangle(out, (x1, y1), (x1 + side, y1 + side), (60, 120, 255), thickness)
         cv2.rectangle(out, (x1, y1), (x2, y2), (0, 255, 0), thickness)
         for x, y in face.kps:

@@ -44,7 +44,8 @@ def face_and_reference_prompt() -> Prompt:
     ckpt = prompts.checkpoint(p)
     loader = p.add("IDFusionReferenceNetLoader", model=p.out(ckpt), weights=prompts.TRAINING_FREE)
     feats = p.add("IDFusionFaceFeatures", reference_net=p.out(loader, 1), vae=p.out(ckpt, 2), clip=p.out(ckpt, 1),
-                  identity=p.out(identity), size=64, disk_cache=False)
+                  identity=p.out(identity), size=64, disk_cache=False,
+                  reference_context=prompts.EMPTY_PROMPT_CONTEXT, reference_count=0)
     patched = prompts.reference_attention(p, p.out(loader), p.out(feats))
     prompts.sample_and_save(p, p.out(patched), ckpt, "idf_no_network")
     return p

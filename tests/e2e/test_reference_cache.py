@@ -1,6 +1,7 @@
 """The feature cache across queue runs through the real server: a second prompt with the same
-references and schedule (a new seed, so the sampler runs again) performs no reference pass; the
-disk cache is kept where ComfyUI's web API does not serve it."""
+references, schedule and reference context (a new seed, so the sampler runs again) performs no
+reference pass; a new reference context (FlashFace: the negative prompt) recomputes; the disk
+cache is kept where ComfyUI's web API does not serve it."""
 import requests
 
 from idf_testlib import prompts, workflows
@@ -49,3 +50,50 @@ def test_the_disk_cache_is_kept_where_the_web_api_does_not_serve_it(server, prep
                          (f"/userdata/..%2F__idfusion%2Ffeature_cache%2F{written[0]}", None)):
         answer = requests.get(server.url + path, params=params, timeout=30)
         assert answer.status_code in (400, 403, 404), (path, answer.status_code)
+
+
+def passes_of(server, prompt: dict) -> int:
+    """Reference passes the prompt's run performed (it must succeed)."""
+    before = server.get("/idfusion/stats")["reference_passes"]
+    entry = server.run(prompt, timeout=600)
+    assert execution_error(entry) is None, execution_error(entry)
+    return server.get("/idfusion/stats")["reference_passes"] - before
+
+
+def linked(prompt: dict, class_type: str, name: str) -> str:
+    """The id of the node feeding input ``name`` of the (only) node of ``class_type``."""
+    node = next(n for n in prompt.values() if n["class_type"] == class_type)
+    return node["inputs"][name][0]
+
+
+def test_flashface_features_follow_the_negative_prompt(server, prepared):
+    """FlashFace's reference pass runs with the negative prompt: a new seed keeps the features
+    (no pass); another negative prompt recomputes them (one pass per step)."""
+    prompt = workflows.to_api(workflows.load("flashface_four_references.json"), server.object_info(), prepared)
+    noise = next(n for n in prompt.values() if n["class_type"] == "RandomNoise")
+    negative = prompt[linked(prompt, "IDFusionFaceFeatures", "negative")]
+    assert negative["class_type"] == "CLIPTextEncode"
+    noise["inputs"]["noise_seed"] = 1
+    assert passes_of(server, prompt) == 2
+    noise["inputs"]["noise_seed"] = 2
+    assert passes_of(server, prompt) == 0
+    negative["inputs"]["text"] += ", glasses"
+    assert passes_of(server, prompt) == 2
+
+
+def test_training_free_empty_prompt_context_survives_negative_prompt_edits(server, prepared):
+    """The measurement behind the training-free default (docs/flashface_official.md): editing the
+    negative prompt costs no reference pass with the empty-prompt context, and one per step
+    with the negative-prompt context."""
+    prompt = workflows.to_api(workflows.load("training_free_sd15.json"), server.object_info(), prepared)
+    sampler = next(n for n in prompt.values() if n["class_type"] == "KSampler")
+    negative = prompt[sampler["inputs"]["negative"][0]]
+    features = next(n for n in prompt.values() if n["class_type"] == "IDFusionFaceFeatures")
+    counts = {}
+    for context in ("empty prompt", "negative prompt"):
+        features["inputs"]["reference_context"] = context
+        features["inputs"]["negative"] = sampler["inputs"]["negative"]
+        passes_of(server, prompt)
+        negative["inputs"]["text"] += f", edit for {context}"
+        counts[context] = passes_of(server, prompt)
+    assert counts == {"empty prompt": 0, "negative prompt": 2}

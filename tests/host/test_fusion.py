@@ -116,7 +116,7 @@ def test_outside_all_mixes_and_none_ignores_identities(sd15):
     masks[1, :, 96:] = 1
     for outside, expected in (("all", [0.75, 0.25]), ("none", [0.0, 0.0])):
         spec = Spec("reference", features, (), "attn1", 1.0, routing=Routing(MODE_REGION, masks, outside))
-        call = SpecCall(spec, torch.ones(1), [], (16, 16))
+        call = SpecCall(spec, torch.ones(1), [], (16, 16), torch.ones(1))
         alpha = spec_alpha(call, 256, torch.device("cpu"))[0].view(16, 16, 2)
         assert alpha[0, 8].tolist() == expected
         assert alpha[0, 0].tolist() == [1.0, 0.0] and alpha[0, 15].tolist() == [0.0, 1.0]

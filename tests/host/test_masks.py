@@ -95,3 +95,29 @@ def test_position_mask_is_flashface_square(host):
     assert wide.sum() == 40 * 40                                             # square of the longer side
     with pytest.raises(ValueError, match="empty"):
         FacePositionMask.execute(100, 100, 0.5, 0.1, 0.4, 0.2)
+
+
+def official_demo_mask(box, width: int, height: int) -> torch.Tensor:
+    """flashface/all_finetune/demo_gradio.py: the normalised box to pixels with int(), squared."""
+    face_bbox = [int(box[0] * width), int(box[1] * height), int(box[2] * width), int(box[3] * height)]
+    max_size = max(face_bbox[2] - face_bbox[0], face_bbox[3] - face_bbox[1])
+    empty_mask = torch.zeros((height, width))
+    empty_mask[face_bbox[1]:face_bbox[1] + max_size, face_bbox[0]:face_bbox[0] + max_size] = 1
+    return empty_mask
+
+
+def test_face_position_mask_is_the_official_demo_mask_pixel_for_pixel(host):
+    """Random boxes at the demo's 768 px and at odd sizes; among them boxes where rounding the
+    side (instead of truncating each coordinate first) would move an edge by one pixel."""
+    from IDFusion.nodes.masks import FacePositionMask
+    gen = torch.Generator().manual_seed(3)
+    moved = 0
+    for width, height in ((768, 768), (640, 448), (200, 136)):
+        for _ in range(40):
+            x1, y1 = (torch.rand(2, generator=gen) * 0.6).tolist()
+            x2, y2 = (v + 0.05 + 0.3 * float(torch.rand(1, generator=gen)) for v in (x1, y1))
+            mask = FacePositionMask.execute(width, height, x1, y1, x2, y2).result[0][0]
+            assert torch.equal(mask, official_demo_mask((x1, y1, x2, y2), width, height))
+            side = max(int(x2 * width) - int(x1 * width), int(y2 * height) - int(y1 * height))
+            moved += round(max((x2 - x1) * width, (y2 - y1) * height)) != side
+    assert moved > 0

@@ -17,9 +17,9 @@ def test_features_need_exactly_one_source_and_a_non_empty_batch(sd15):
     from IDFusion.nodes.reference import FaceFeatures
     refnet = E.training_free_features(sd15, E.identity(1)).refnet
     with pytest.raises(ValueError, match="exactly one of 'images'.*or 'identity'"):
-        FaceFeatures.execute(refnet, None, None, 224, False)
+        FaceFeatures.execute(refnet, None, 224, False, "empty prompt", 0)
     with pytest.raises(ValueError, match="'images' is an empty or malformed batch"):
-        FaceFeatures.execute(refnet, None, None, 224, False, images=torch.zeros(0, 64, 64, 3))
+        FaceFeatures.execute(refnet, None, 224, False, "empty prompt", 0, images=torch.zeros(0, 64, 64, 3))
 
 
 def test_a_file_that_is_not_flashface_is_refused_naming_the_keys(sd15, tmp_path):

@@ -85,6 +85,19 @@ def tiny_sdxl(seed: int = 0):
     return _patcher(comfy.supported_models.SDXL, sdxl_unet_config(**SDXL_TINY), seed)
 
 
+def tiny_vae(seed: int = 0):
+    """A ComfyUI VAE around a random-weight TAESD (the host's own small autoencoder class, found by
+    ``comfy.sd.VAE`` from its key names): 8× down, 4 latent channels, deterministic encoding."""
+    boot()
+    import comfy.sd
+    import comfy.taesd.taesd
+    taesd = init_weights(comfy.taesd.taesd.TAESD(latent_channels=4), seed)
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    return comfy.sd.VAE(sd={k: v.detach().clone() for k, v in taesd.state_dict().items()})
+
+
 def checkpoint_state_dict(patcher, clip_sd=None, vae_sd=None) -> dict:
     """A checkpoint's state dict written the way this host's own ``comfy.sd.save_checkpoint``
     writes it: ``ModelPatcher.state_dict_for_saving(clip, vae)`` on hosts that have it (the

@@ -14,6 +14,7 @@ AUTO_BLOCKS = "auto (FlashFace: decoder)"
 ALL_BLOCKS = "all (input + middle + output)"
 TRAINING_FREE_ADAPTER = "training-free (self-attention projections)"
 MIX, REGION = "mix (weights)", "by region (identity masks)"
+EMPTY_PROMPT_CONTEXT = "empty prompt"
 #: A face photo the ``prepared`` fixture puts in the server's input folder (idf_testlib/prepared.py).
 FACE_PHOTO = "idfusion_person_a_1.png"
 
@@ -34,9 +35,12 @@ def checkpoint(p: Prompt, name: str = SD15_CHECKPOINT) -> str:
 
 
 def features(p: Prompt, refnet: list, ckpt: str, image: list, size: int = TEST_CROP_SIZE,
-             disk_cache: bool = False) -> str:
+             disk_cache: bool = False, reference_count: int = 0) -> str:
+    """Face Features on the empty-prompt reference context (the negative-prompt context is tested
+    through the shipped FlashFace workflows)."""
     return p.add("IDFusionFaceFeatures", reference_net=refnet, vae=p.out(ckpt, 2), clip=p.out(ckpt, 1), images=image,
-                 size=size, disk_cache=disk_cache)
+                 size=size, disk_cache=disk_cache, reference_context=EMPTY_PROMPT_CONTEXT,
+                 reference_count=reference_count)
 
 
 def reference_attention(p: Prompt, model: list, feats: list, **extra) -> str:

@@ -79,8 +79,10 @@ def routed_alpha(b=2, lq=6):
 
 @pytest.mark.parametrize("alpha,weight", [(torch.ones(1, 1, 2), 1.0), (torch.ones(2, 6, 2), 1.0),
                                           (torch.full((1, 1, 3), 0.5), 2.0)])
-def test_identity_bias_is_none_when_every_scaled_weight_is_one(alpha, weight):
-    assert identity_bias(alpha, TEXT, [3] * alpha.shape[-1], weight, torch.float32) is None
+def test_identity_bias_is_zero_when_every_scaled_weight_is_one(alpha, weight):
+    """All zeros: a caller that knows it on the host (the patch) skips the bias altogether."""
+    bias = identity_bias(alpha, TEXT, [3] * alpha.shape[-1], weight, torch.float32)
+    assert torch.equal(bias, torch.zeros(*alpha.shape[:2], TEXT + 3 * alpha.shape[-1]))
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.6, 2.5])
@@ -158,3 +160,15 @@ def test_batch_one_faces_and_bias_broadcast_over_the_batch():
     torch.testing.assert_close(out, fused_kv_attention(q, k_text, v_text, repeated, full_bias, HEADS, host_attention),
                                **TOL)
     torch.testing.assert_close(out, explicit(q, k_text, v_text, faces, full_bias), **TOL)
+
+
+def test_a_reference_counted_m_times_equals_its_keys_placed_m_times():
+    """counts add log m to a reference's keys: the softmax over text + padded face keys."""
+    q, k_text, v_text, faces = inputs()
+    (k0, v0), (k1, v1) = faces                                           # 3 and 4 keys
+    counts = [[(3, math.log(4))], [(2, math.log(2)), (2, 0.0)]]           # face 1: its first 2 keys twice
+    bias = identity_bias(torch.ones(1, 1, 2), TEXT, REF_LENS, 1.0, torch.float64, counts)
+    out = fused_kv_attention(q, k_text, v_text, faces, bias, HEADS, host_attention)
+    padded = [(torch.cat([k0] * 4, 1), torch.cat([v0] * 4, 1)),
+              (torch.cat([k1[:, :2], k1[:, :2], k1[:, 2:]], 1), torch.cat([v1[:, :2], v1[:, :2], v1[:, 2:]], 1))]
+    torch.testing.assert_close(out, explicit(q, k_text, v_text, padded, None), **TOL)

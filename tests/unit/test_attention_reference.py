@@ -6,6 +6,7 @@ host attention (FlashFace eq. 2 and supplement eq. 1), in float64:
     (1 − λ)·Attn(y, y) + λ·Σ_i w_i·Attn(y, cat[y, r_i])
 """
 import functools
+import math
 
 import pytest
 import torch
@@ -234,3 +235,101 @@ def test_a_count_mismatch_between_references_and_weights_raises():
     with pytest.raises(ValueError, match="2 identities' references but weights for 1"):
         reference_attention(q, k, v, [ref(3, 5, seed=210), ref(3, 5, seed=220)],
                             torch.ones(3, 1, 1, dtype=torch.float64), HEADS, host_attention)
+
+
+# --- references that count several times (FlashFace pads to four by repetition) -----------------
+
+REF_TOKENS = 3                # tokens per reference
+
+
+def cyclic(n: int, total: int = 4) -> list[int]:
+    """The official padding, made deterministic: references repeated in turn up to ``total``."""
+    return [i % n for i in range(max(n, total))]
+
+
+def counted(n: int, total: int = 4) -> list[tuple[int, float]]:
+    """Runs ``(keys, log m)`` of n references of REF_TOKENS keys padded cyclically to ``total``."""
+    runs = []
+    for i in range(n):
+        m = cyclic(n, total).count(i)
+        if runs and runs[-1][1] == math.log(m):
+            runs[-1] = (runs[-1][0] + REF_TOKENS, runs[-1][1])
+        else:
+            runs.append((REF_TOKENS, math.log(m)))
+    return runs
+
+
+def padded(r: tuple[torch.Tensor, torch.Tensor], n: int, total: int = 4):
+    """The explicitly padded key sequence: reference j's tokens placed once per repetition."""
+    pieces = [slice(j * REF_TOKENS, (j + 1) * REF_TOKENS) for j in cyclic(n, total)]
+    return tuple(torch.cat([t[:, p] for p in pieces], dim=1) for t in r)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("lam", [0.85, 1.2])
+def test_counted_references_equal_attention_over_the_explicitly_padded_keys(n, lam):
+    """[y; r1, r1, r1, r1], [y; r1, r2, r1, r2], [y; r1, r2, r3, r1]: the official four-reference
+    attention, from the distinct references' keys and log m on their log-sum-exp."""
+    q, k, v = tokens()
+    r = ref(3, n * REF_TOKENS, seed=300 + n)
+    weights = same_weights(3, lam)
+    out = reference_attention(q, k, v, [r], weights, HEADS, host_attention, counts=[counted(n)])
+    torch.testing.assert_close(out, formula(q, k, v, [padded(r, n)], weights), **TOL)
+    if n < 4:
+        assert not torch.allclose(out, formula(q, k, v, [r], weights))      # padding really weighs in
+
+
+def test_counted_references_with_mixing_routing_and_partly_used_rows():
+    """Counts combine with everything else: two identities (1 and 3 references padded to 4), one
+    row off, identity 1 only on some queries of some rows."""
+    q, k, v = tokens(b=4, lq=12)
+    refs = [ref(4, REF_TOKENS, seed=310), ref(1, 3 * REF_TOKENS, seed=320)]
+    weights = torch.zeros(4, 12, 2, dtype=torch.float64)
+    weights[0, :, 0] = 0.85
+    weights[2] = torch.tensor([0.5, 0.4], dtype=torch.float64)
+    weights[3, 6:, 1] = 1.1
+    out = reference_attention(q, k, v, refs, weights, HEADS, host_attention, counts=[counted(1), counted(3)])
+    want = formula(q, k, v, [padded(refs[0], 1), padded(refs[1], 3)], weights)
+    torch.testing.assert_close(out, want, **TOL)
+    assert torch.equal(out[1:2], host_attention(q[1:2], k[1:2], v[1:2], HEADS))
+
+
+def test_used_rows_given_on_the_host_are_what_the_weights_say():
+    """The patches pass which rows use which identity from host data; the result is the same."""
+    from IDFusion.attention.reference import rows_used
+    q, k, v = tokens(b=4)
+    refs = [ref(4, 5, seed=330), ref(1, 3, seed=340)]
+    used = rows_used(MIXED)
+    assert used.tolist() == [[True, True], [True, False], [False, True], [True, True]]
+    given = reference_attention(q, k, v, refs, MIXED, HEADS, host_attention, used=used)
+    assert torch.equal(given, reference_attention(q, k, v, refs, MIXED, HEADS, host_attention))
+    with pytest.raises(ValueError, match=r"used must be \[4, 2\]"):
+        reference_attention(q, k, v, refs, MIXED, HEADS, host_attention, used=used[:2])
+
+
+def test_merge_of_disjoint_key_sets_is_the_attention_over_their_union():
+    from IDFusion.attention.lse import merge_lse
+    q = randn(2, 6, DIM, seed=350)
+    k, v = randn(2, 9, DIM, seed=351), randn(2, 9, DIM, seed=352)
+    parts = [attention_lse(q, k[:, a:b], v[:, a:b], HEADS) for a, b in ((0, 2), (2, 7), (7, 9))]
+    out, lse = merge_lse(parts, HEADS)
+    whole, whole_lse = attention_lse(q, k, v, HEADS)
+    torch.testing.assert_close(out, whole, **TOL)
+    torch.testing.assert_close(lse, whole_lse, **TOL)
+
+
+def test_counts_must_cover_the_keys():
+    from IDFusion.attention.lse import attention_lse_counted
+    q, k, v = tokens()
+    with pytest.raises(ValueError, match="counts cover 4 keys but there are 5"):
+        attention_lse_counted(q, k[:, :5], v[:, :5], HEADS, [(4, 0.0)])
+
+
+@pytest.mark.parametrize("flags", [[True, False, True, True, False], [False, False, True], [True], [False, True]])
+def test_rows_picked_by_runs_and_put_back_in_order(flags):
+    from IDFusion.attention.reference import interleave, row_runs, take_rows
+    t = torch.arange(len(flags) * 2.0).view(len(flags), 2)
+    chosen = take_rows(t, row_runs(flags))
+    others = take_rows(t, row_runs([not f for f in flags])) if not all(flags) else t[:0]
+    assert chosen.tolist() == [row.tolist() for row, f in zip(t, flags) if f]
+    assert torch.equal(interleave(flags, chosen, others), t)
