@@ -282,17 +282,47 @@ def install_torchaudio_stub(host: Host) -> None:
         return
     if not any("torchaudio" in line for line in (host.comfy / "requirements.txt").read_text().splitlines()):
         return
-    site = subprocess.run([str(host.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    pkg = Path(site) / "torchaudio"
+    pkg = site_packages(host.python) / "torchaudio"
     pkg.mkdir(exist_ok=True)
     for module in ("__init__.py", "functional.py", "transforms.py"):
         (pkg / module).write_text(TORCHAUDIO_STUB)
     log(f"torchaudio: no build for {TORCH_PINS[0]} on the registry; import stub written to {pkg}")
 
 
+# torch with its CUDA libraries is about 5.5 GB of a 7.5 GB test venv: it is installed once, in
+# a venv every host venv reads through a .pth file placed after its own site-packages (so a
+# host's own packages come first, and pip in a host venv sees torch as installed).
+TORCH_VENV = HOSTS_DIR / "torch-venv"
+SHARED_PTH = "idfusion-shared-torch.pth"
+
+
+def site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout
+    return Path(out.strip())
+
+
+def pip_install(python: Path) -> list:
+    # --no-cache-dir: the wheels are on local disk already; a cache copy only costs disk.
+    return [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--no-cache-dir"]
+
+
+def ensure_torch_venv() -> Path:
+    """The shared venv with the pinned torch family; returns its site-packages."""
+    python = TORCH_VENV / "bin" / "python"
+    stamp_file = TORCH_VENV / ".idfusion-stamp"
+    stamp = hashlib.sha256("\n".join([sys.version, json.dumps(TORCH_PINS)]).encode()).hexdigest()
+    if not (stamp_file.is_file() and stamp_file.read_text() == stamp and python.exists()):
+        if not python.exists():
+            sh([sys.executable, "-m", "venv", TORCH_VENV])
+        sh(pip_install(python) + TORCH_PINS)
+        stamp_file.write_text(stamp)
+        log(f"shared torch environment ready: {TORCH_VENV}")
+    return site_packages(python)
+
+
 def venv_stamp(host: Host) -> str:
-    parts = [sys.version, json.dumps(TORCH_PINS), json.dumps(host_requirements(host))]
+    parts = [sys.version, json.dumps(TORCH_PINS), json.dumps(host_requirements(host)), str(TORCH_VENV)]
     for name in ("requirements.txt", "requirements-test.txt"):
         parts.append((ROOT / name).read_text())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -303,14 +333,14 @@ def ensure_venv(host: Host) -> None:
     stamp = venv_stamp(host)
     if stamp_file.is_file() and stamp_file.read_text() == stamp and host.python.exists():
         return
+    shared = ensure_torch_venv()
     if not host.python.exists():
         sh([sys.executable, "-m", "venv", host.venv])
-    pip = [host.python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
-    sh(pip + TORCH_PINS)
+    (site_packages(host.python) / SHARED_PTH).write_text(f"{shared}\n")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as cons:
         cons.write("\n".join(TORCH_PINS) + "\n")  # nothing below may move torch
     try:
-        sh(pip + ["-c", cons.name] + host_requirements(host)
+        sh(pip_install(host.python) + ["-c", cons.name] + TORCH_PINS + host_requirements(host)
            + ["-r", ROOT / "requirements.txt", "-r", ROOT / "requirements-test.txt"])
     finally:
         os.unlink(cons.name)
