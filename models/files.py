@@ -21,7 +21,7 @@ class WeightFileError(ValueError):
     """A weight file that cannot be used; the message names the file and the reason."""
 
 
-def _reason(error: BaseException) -> str:
+def reason(error: BaseException) -> str:
     """The first sentence of a reader's error, e.g. "PytorchStreamReader failed reading zip archive:
     failed finding central directory"."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -45,9 +45,9 @@ def load_pickle(path: Path) -> object:
         if "Unsupported global" in str(error):
             raise WeightFileError(f"{path.name} holds pickled objects other than tensors; loading them is unsafe "
                                   f"and refused: use a plain state dict or a .safetensors file") from error
-        raise damaged(path, f"it cannot be read as a checkpoint ({_reason(error)})") from error
+        raise damaged(path, f"it cannot be read as a checkpoint ({reason(error)})") from error
     except (EOFError, RuntimeError, UnicodeDecodeError, ValueError, OSError) as error:
-        raise damaged(path, f"it cannot be read as a checkpoint ({_reason(error)})") from error
+        raise damaged(path, f"it cannot be read as a checkpoint ({reason(error)})") from error
 
 
 def open_safetensors(path: Path):
@@ -59,7 +59,7 @@ def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as error:           # SafetensorError and OSError: both mean the file is not whole
-        raise damaged(path, f"it is not a complete .safetensors file ({_reason(error)})") from error
+        raise damaged(path, f"it is not a complete .safetensors file ({reason(error)})") from error
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +71,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:
-            raise damaged(path, f"a tensor cannot be read ({_reason(error)})") from error
+            raise damaged(path, f"a tensor cannot be read ({reason(error)})") from error
     obj = load_pickle(path)
     for wrapper in ("state_dict", "params", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

@@ -12,20 +12,11 @@ with ``--fp16``, in float16. Needs only torch and safetensors, not ComfyUI.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-ROOM = Path(__file__).resolve().parent.parent / "models" / "consistentid"
-
-
-def load_module(name: str):
-    """models/consistentid/<name>.py as a standalone module (it imports only torch and safetensors)."""
-    spec = importlib.util.spec_from_file_location(f"idfusion_consistentid_{name}", ROOM / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_models import load  # noqa: E402  (tools/pack_models.py, also under ``python -m tools...``)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"convert_consistentid: DST must end in .safetensors, got {args.dst}")
     if args.dst.exists() and not args.force:
         sys.exit(f"convert_consistentid: {args.dst} exists; pass --force to overwrite it")
-    checkpoint, modules = load_module("checkpoint"), load_module("modules")
+    checkpoint, modules = load("consistentid.checkpoint"), load("consistentid.modules")
     import torch
     try:
         groups = checkpoint.group(checkpoint.read_file(str(args.src)), args.src.name)

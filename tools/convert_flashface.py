@@ -8,27 +8,18 @@ The official ``flashface.ckpt`` (10.6 GB, fp32) holds three copies of the UNet; 
 keeps the main UNet, the reference network's encoder/decoder and the extra attentions, in
 ComfyUI's key names and fp16 (about 3.3 GB), and loads faster. Needs only torch and
 safetensors, not ComfyUI; ``models/flashface/weights.py`` is loaded by its path, so the
-pack's folder may have any name. Progress goes to stderr.
+pack's folder may have any name (tools/pack_models.py). Progress goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
 
-MODULE_PATH = Path(__file__).resolve().parent.parent / "models" / "flashface" / "weights.py"
-
-
-def load_weights_module():
-    """models/flashface/weights.py as a standalone module (it imports only torch and safetensors)."""
-    spec = importlib.util.spec_from_file_location("idfusion_flashface_weights", MODULE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_models import load  # noqa: E402  (tools/pack_models.py, also under ``python -m tools...``)
 
 
 class StderrProgress:
@@ -62,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"convert_flashface: source and destination are the same file ({args.src})")
     if args.dst.exists() and not args.force:
         sys.exit(f"convert_flashface: {args.dst} exists; pass --force to overwrite it")
-    weights_module = load_weights_module()
+    weights_module = load("flashface.weights")
     try:
         weights = weights_module.load_flashface(args.src, StderrProgress(f"reading {args.src.name}"))
         weights_module.save_converted(weights, args.dst, StderrProgress(f"writing {args.dst.name}"))

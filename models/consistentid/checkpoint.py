@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
+from pathlib import Path
 
 import torch
+
+from ..files import WeightFileError, damaged, load_pickle, open_safetensors, reason
 
 FOLDER = "consistentid"
 EXTENSIONS = {".bin", ".pt", ".pth", ".safetensors"}
@@ -42,20 +44,18 @@ WHERE = (f"ConsistentID files (ConsistentID-v1.bin, ConsistentID_SDXL-v1.bin, or
 # --- reading -----------------------------------------------------------------------------------
 
 def read_file(path: str) -> dict:
-    """The raw content: a dict (of dicts of tensors, or of tensors), read safely."""
-    if path.endswith(".safetensors"):
-        import safetensors.torch
-        return safetensors.torch.load_file(path, device="cpu")
+    """The raw content: a dict (of dicts of tensors, or of tensors), read safely; a damaged or
+    refused file says so (models/files.py) and where ConsistentID files belong."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{os.path.basename(path)} holds more than tensors and was not unpickled (weights_only): "
-                         f"{str(error).splitlines()[0]}. {WHERE}") from error
+        if path.endswith(".safetensors"):
+            handle = open_safetensors(Path(path))
+            try:
+                return {key: handle.get_tensor(key) for key in handle.keys()}
+            except Exception as error:
+                raise damaged(Path(path), f"a tensor cannot be read ({reason(error)})") from error
+        return load_pickle(Path(path))
+    except WeightFileError as error:
+        raise WeightFileError(f"{error}. {WHERE}") from error
 
 
 def group(raw: dict, name: str) -> dict[str, dict[str, torch.Tensor]]:

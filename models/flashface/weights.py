@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import struct
 import zipfile
@@ -53,6 +52,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from ..files import WeightFileError, damaged, load_pickle, reason
 
 log = logging.getLogger("IDFusion")
 
@@ -134,44 +135,29 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
                      f"{', '.join(PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES)} files. {WHAT_TO_DO}")
 
 
-def _first_line(error: BaseException) -> str:
-    """A reader's error in one line, e.g. "PytorchStreamReader failed reading zip archive: failed
-    finding central directory"."""
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text.split(". This is an internal")[0].rstrip(".")[:160]
-
-
-def _damaged(path: Path, reason: str) -> ValueError:
-    return ValueError(f"{path.name} is damaged: {reason}; the file is truncated or corrupt, download (or copy) it "
-                      f"again. {WHAT_TO_DO}")
+def _guided(error: WeightFileError) -> WeightFileError:
+    """A weight-file error (models/files.py) with where FlashFace's weights come from."""
+    return WeightFileError(f"{error}. {WHAT_TO_DO}")
 
 
 def _read_safetensors(path: Path) -> LazySafetensors:
     if path.stat().st_size == 0:
-        raise _damaged(path, "it is empty (0 bytes)")
+        raise _guided(damaged(path, "it is empty (0 bytes)"))
     try:
         return LazySafetensors(path)
     except (SafetensorError, OSError) as e:
-        raise _damaged(path, f"it is not a complete .safetensors file ({_first_line(e)})") from e
+        raise _guided(damaged(path, f"it is not a complete .safetensors file ({reason(e)})")) from e
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``. A file that fails is damaged (empty, truncated, corrupt) or
-    refused (pickled objects other than tensors: only an unsafe load could build them)."""
-    if path.stat().st_size == 0:
-        raise _damaged(path, "it is empty (0 bytes)")
-    mmap = zipfile.is_zipfile(path)
-    if not mmap:
+    """``torch.load(weights_only=True)``: a damaged (empty, truncated, corrupt) or refused (pickled
+    objects other than tensors) file says which."""
+    if path.stat().st_size and not zipfile.is_zipfile(path):
         log.warning("%s is not a zip checkpoint: it is read into memory whole", path.name)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise ValueError(f"{path.name} holds pickled objects other than tensors; loading them is unsafe and "
-                             f"refused. {WHAT_TO_DO}") from e
-        raise _damaged(path, f"it cannot be read as a checkpoint ({_first_line(e)})") from e
-    except (EOFError, RuntimeError, UnicodeDecodeError, ValueError, OSError) as e:
-        raise _damaged(path, f"it cannot be read as a checkpoint ({_first_line(e)})") from e
+        obj = load_pickle(path)
+    except WeightFileError as e:
+        raise _guided(e) from e
     return _tensors_of(obj, path.name)
 
 

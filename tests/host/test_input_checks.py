@@ -90,6 +90,22 @@ def test_a_truncated_flashface_checkpoint_is_reported_as_damaged(tmp_path):
         load_flashface(path)
 
 
+@pytest.mark.parametrize("name", ["ConsistentID-v1.bin", "ConsistentID-v1.safetensors"])
+def test_a_truncated_consistentid_file_is_reported_as_damaged(tmp_path, name):
+    from IDFusion.models.consistentid.weights import load
+    tensors = {"FacialEncoder.visual_projection.weight": torch.randn(300, 300)}
+    whole = tmp_path / f"whole-{name}"
+    if name.endswith(".safetensors"):
+        save_file(tensors, str(whole))
+    else:
+        torch.save(tensors, whole)
+    data = whole.read_bytes()
+    path = write(tmp_path / name, data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"^{name} is damaged: .*download \(or copy\) it again. ConsistentID files "
+                                         rf".* belong in models/consistentid/"):
+        load(str(path))
+
+
 # --- face crops ---------------------------------------------------------------------------------------
 
 def test_face_crops_convert_grayscale_and_rgba_and_refuse_tiny_ones():

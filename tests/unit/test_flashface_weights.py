@@ -213,7 +213,8 @@ def test_convert_refuses_to_overwrite_its_source(files, tmp_path):
 
 def test_cli_from_a_copy_with_any_folder_name(tmp_path, files):
     clone = tmp_path / "some clone name"
-    for rel in ("models/flashface/weights.py", "tools/convert_flashface.py"):
+    for rel in ("models/__init__.py", "models/files.py", "models/flashface/__init__.py", "models/flashface/weights.py",
+                "tools/convert_flashface.py", "tools/pack_models.py"):
         (clone / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, clone / rel)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
