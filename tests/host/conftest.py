@@ -82,3 +82,29 @@ def dit_host(host):
     if comfy_version() < DIT_MIN_VERSION:
         pytest.skip(f"the DiT hooks need ComfyUI {'.'.join(map(str, DIT_MIN_VERSION))} or newer; this host is "
                     f"{'.'.join(map(str, comfy_version()))} (tests/host/test_dit_host_gate.py checks the refusal here)")
+
+
+# --- FlashFace (tiny checkpoints in the official layout; per test module) --------------------------------
+
+@pytest.fixture(scope="module")
+def flashface_checkpoint(host):
+    """The official-layout file (.safetensors: same keys as the .ckpt, which the weights tests read)."""
+    from idf_testlib import flashface_fixtures as fx
+    return fx.write_tiny_checkpoints()["safetensors"]
+
+
+@pytest.fixture(scope="module")
+def official(flashface_checkpoint):
+    """{"official": (main, reference), "comfy_eps": the same with ComfyUI's GroupNorm eps}: the
+    official modules, re-implemented in tests/idf_testlib, with the checkpoint's weights."""
+    from idf_testlib import flashface_fixtures as fx
+    from idf_testlib import flashface_official as fo
+    modules = fo.modules_from_checkpoint(flashface_checkpoint, **fx.TINY)
+    return {"official": modules, "comfy_eps": fo.with_comfy_groupnorm_eps(*modules)}
+
+
+@pytest.fixture(scope="module")
+def flashface(flashface_checkpoint):
+    """(MODEL, REFERENCE_NET) from the loader node, given a tiny SD1.5 MODEL."""
+    from IDFusion.nodes.loaders import ReferenceNetLoader
+    return tuple(ReferenceNetLoader.execute(models.tiny_sd15(), flashface_checkpoint.name).result)

@@ -29,7 +29,6 @@ import pytest
 import torch
 
 from idf_testlib import flashface_fixtures as fx
-from idf_testlib import flashface_official as fo
 from idf_testlib import flashface_official_loop as loop
 from idf_testlib import models
 
@@ -45,23 +44,6 @@ SIZE = 128                       # image px: 16×16 latents
 REF_PX = 96                      # reference crops: 12×12 latents (odd sizes in the decoder: 12→6→3→2)
 BOX = (0.3, 0.1, 0.6, 0.4)       # the demo's default face position
 DEMO = loop.Settings(steps=STEPS)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(host):
-    return fx.write_tiny_checkpoints()["safetensors"]
-
-
-@pytest.fixture(scope="module")
-def official(checkpoint):
-    modules = fo.modules_from_checkpoint(checkpoint, **fx.TINY)
-    return {"official": modules, "comfy_eps": fo.with_comfy_groupnorm_eps(*modules)}
-
-
-@pytest.fixture(scope="module")
-def flashface(checkpoint):
-    from IDFusion.nodes.loaders import ReferenceNetLoader
-    return tuple(ReferenceNetLoader.execute(models.tiny_sd15(), checkpoint.name).result)
 
 
 @pytest.fixture(scope="module")
@@ -194,4 +176,3 @@ def test_reference_scale_zero_is_the_official_two_branch_loop(official, flashfac
     want = check("2 refs, mask, reference scale 0", got, official, data, 2, BOX, reference_scale=0.0)
     with_guidance = official_sample(official["comfy_eps"], data, 2, BOX)
     assert relative(with_guidance, want) > SIGNAL * TIGHT
-

@@ -27,7 +27,6 @@ import torch
 
 from idf_testlib import flashface_fixtures as fx
 from idf_testlib import flashface_official as fo
-from idf_testlib import models
 
 AUTO = "auto (FlashFace: decoder)"
 MIX = "mix (weights)"
@@ -39,26 +38,6 @@ TIMESTEP = 500
 LATENT = 16          # main latent 16×16 (a 128×128 image)
 REF_LATENT = 12      # reference latents 12×12: the decoder's upsampling meets odd sizes (12→6→3→2)
 TOKENS = 77
-
-
-@pytest.fixture(scope="module")
-def checkpoint(host):
-    """The official-layout file (.safetensors: same keys as the .ckpt, which the weights tests read)."""
-    return fx.write_tiny_checkpoints()["safetensors"]
-
-
-@pytest.fixture(scope="module")
-def official(checkpoint):
-    """{"official": (main, reference), "comfy_eps": the same with ComfyUI's GroupNorm eps}."""
-    modules = fo.modules_from_checkpoint(checkpoint, **fx.TINY)
-    return {"official": modules, "comfy_eps": fo.with_comfy_groupnorm_eps(*modules)}
-
-
-@pytest.fixture(scope="module")
-def flashface(checkpoint):
-    """(MODEL, REFERENCE_NET) from the loader node, given a tiny SD1.5 MODEL."""
-    from IDFusion.nodes.loaders import ReferenceNetLoader
-    return tuple(ReferenceNetLoader.execute(models.tiny_sd15(), checkpoint.name).result)
 
 
 @pytest.fixture(scope="module")
