@@ -6,7 +6,8 @@ Every server runs under the socket audit (``netaudit``: each name lookup and con
 ones included, logged to ``netaudit.log``) with a home and a temporary folder of its own, empty
 at the start, so tests can check that nothing leaves the machine and nothing is written outside
 ComfyUI's folders. ``ORT_DISABLE_TELEMETRY`` is removed from its environment: the pack must set
-it itself."""
+it itself; so are the CI markers (``CI`` and the like), which switch onnxruntime's telemetry off
+on their own and would hide what a user's server does."""
 import json
 import os
 import re
@@ -28,6 +29,9 @@ ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 #: Seconds to wait for an answer while the server may be busy: loading a 2 GB checkpoint can hold
 #: Python's GIL, and so the server's event loop, for tens of seconds on a small shared machine.
 SLOW_ANSWER = 180
+#: Environment variables by which CI systems announce themselves (onnxruntime's telemetry stays off under them).
+CI_MARKERS = ("CI", "CONTINUOUS_INTEGRATION", "GITHUB_ACTIONS", "GITLAB_CI", "TF_BUILD", "BUILD_ID", "BUILD_NUMBER",
+              "JENKINS_URL", "BUILDKITE", "CIRCLECI", "TRAVIS", "TEAMCITY_VERSION")
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "flashface", "insightface", "facexlib", "idfusion", "controlnet",
                  "consistentid", "clip_vision", "diffusion_models", "text_encoders")
 
@@ -92,7 +96,8 @@ class ComfyServer:
     def _env(self) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    HOME=str(self.home), TMPDIR=str(self.tmp), IDFUSION_NETAUDIT_LOG=str(self.audit_log))
-        env.pop("ORT_DISABLE_TELEMETRY", None)
+        for name in ("ORT_DISABLE_TELEMETRY",) + CI_MARKERS:
+            env.pop(name, None)
         library, self.audit_problem = netaudit.build()
         if library is not None:
             env["LD_PRELOAD"] = " ".join(filter(None, [str(library), env.get("LD_PRELOAD")]))
