@@ -334,6 +334,9 @@ def ensure_venv(host: Host) -> None:
     if stamp_file.is_file() and stamp_file.read_text() == stamp and host.python.exists():
         return
     shared = ensure_torch_venv()
+    if host.python.exists() and (site_packages(host.python) / "torch").is_dir():
+        log(f"{host.venv} holds its own torch (the layout before the shared torch venv): making it again")
+        shutil.rmtree(host.venv)
     if not host.python.exists():
         sh([sys.executable, "-m", "venv", host.venv])
     (site_packages(host.python) / SHARED_PTH).write_text(f"{shared}\n")
