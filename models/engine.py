@@ -154,20 +154,9 @@ def identity_features(base_model, features: ReferenceFeatures, ident: ReferenceI
     """Features of one identity at one timestep: memory cache, disk cache, or a reference pass."""
     key = CacheKey(ident.digest, weights_fingerprint(base_model, features.refnet),
                    round(float(timestep), 4), ident.context_digest)
-    entry = FEATURE_CACHE.get(key, needed)
-    if entry is None and ident.disk_cache is not None:
-        entry = ident.disk_cache.load(key, needed)
-        if entry is not None:
-            FEATURE_CACHE.count("disk_hits")
-            FEATURE_CACHE.put(key, entry)
-    if entry is None:
-        FEATURE_CACHE.count("misses")
-        fresh = _run_pass(base_model, features, ident, timestep, needed, device, dtype)
-        entry = {k: v.detach().to("cpu", copy=True) for k, v in fresh.items()}
-        FEATURE_CACHE.put(key, entry)
-        if ident.disk_cache is not None:
-            ident.disk_cache.save(key, entry)
-            FEATURE_CACHE.count("disk_writes")
+    entry, fresh = FEATURE_CACHE.lookup(key, needed, ident.disk_cache,
+                                        lambda: _run_pass(base_model, features, ident, timestep, needed, device, dtype))
+    if fresh is not None:
         return {k: fresh[k] for k in needed}
     return {k: entry[k].to(device=device, dtype=dtype, non_blocking=True) for k in needed}
 

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,27 @@ class FeatureCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= features_bytes(evicted)
                 self.counters["evictions"] += 1
+
+    def lookup(self, key: CacheKey, needed: set[FeatureKey], disk: "DiskCache | None",
+               compute: Callable[[], Features]) -> tuple[Features, Features | None]:
+        """This cache, then ``disk``, else ``compute()`` (a miss; its result kept on the CPU in both).
+        Returns (the kept entry, the freshly computed features or None)."""
+        entry = self.get(key, needed)
+        if entry is None and disk is not None:
+            entry = disk.load(key, needed)
+            if entry is not None:
+                self.count("disk_hits")
+                self.put(key, entry)
+        if entry is not None:
+            return entry, None
+        self.count("misses")
+        fresh = compute()
+        entry = {k: v.detach().to("cpu", copy=True) for k, v in fresh.items()}
+        self.put(key, entry)
+        if disk is not None:
+            disk.save(key, entry)
+            self.count("disk_writes")
+        return entry, fresh
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ import torch
 
 from ..engine import GUIDANCE, MODE_PER_ITEM, Routing, SpecCall, _row_strength, row_conds, row_items, spec_active, \
     weights_fingerprint
-from ..feature_cache import FEATURE_CACHE, CacheKey
+from ..feature_cache import FEATURE_CACHE, CacheKey, Features
 from ..references import ReferenceFeatures, ReferenceIdentity, ReferenceNet, Shared
 from .families import Family, family_of, reference_method
 from .reference_pass import FeatureKey, reference_pass
@@ -159,22 +159,15 @@ def identity_features(base_model, ident: ReferenceIdentity, sigma: float, guidan
     if keep and key in run.features and needed <= run.features[key].keys():
         return run.features[key]
     dtype = base_model.get_dtype_inference()
-    entry = FEATURE_CACHE.get(key, needed)
-    if entry is None and ident.disk_cache is not None:
-        entry = ident.disk_cache.load(key, needed)
-        if entry is not None:
-            FEATURE_CACHE.count("disk_hits")
-            FEATURE_CACHE.put(key, entry)
-    if entry is None:
-        FEATURE_CACHE.count("misses")
+
+    def compute() -> Features:
         fresh = reference_pass(base_model, family, ident.latents, sigma, ident.context, ident.y, guidance, needed,
                                device)
         FEATURE_CACHE.count("reference_passes")
-        entry = {k: t.detach().to("cpu", copy=True) for k, t in fresh.items()}
-        FEATURE_CACHE.put(key, entry)
-        if ident.disk_cache is not None:
-            ident.disk_cache.save(key, entry)
-            FEATURE_CACHE.count("disk_writes")
+        return fresh
+
+    entry, fresh = FEATURE_CACHE.lookup(key, needed, ident.disk_cache, compute)
+    if fresh is not None:
         features = {k: fresh[k].to(dtype) for k in needed}
     else:
         features = {k: entry[k].to(device=device, dtype=dtype, non_blocking=True) for k in needed}
