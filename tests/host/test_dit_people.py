@@ -189,19 +189,6 @@ def test_unrouted_strengths_equal_the_hosts_attention_with_the_log_bias(dit):
 
 # --- measured isolation ------------------------------------------------------------------------
 
-class BlockInputs:
-    """attn1_patch registered after IDFusion's: keeps every block's inputs and recorded layout."""
-
-    def __init__(self):
-        self.blocks = []
-
-    def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
-        from IDFusion.models.dit.engine import CALL
-        call = extra_options[CALL]
-        self.blocks.append((q, k, v, pe, call, call.pending))
-        return {}
-
-
 def block_count(model) -> int:
     dm = model.model.diffusion_model
     if hasattr(dm, "transformer_blocks"):
@@ -239,7 +226,7 @@ def person_masses(family, block, counts, shared):
 def test_isolation_region_j_never_attends_to_person_i_in_any_block(dit, outside):
     shared, a, b = refs_for(dit, [1, 1, 2])
     model = people(dit, [1, 2], [1.0, 1.0], masks=region_masks(), outside=outside, shared=1)
-    inputs = BlockInputs()
+    inputs = D.BlockInputs()
     model.set_model_attn1_patch(inputs)
     D.apply(model, x_for(dit), cond_with(dit, shared + a + b))
     family = dit.model.model_config.unet_config["image_model"]
@@ -278,7 +265,7 @@ def test_with_the_hosts_flux_kv_cache_regions_stay_isolated():
     model = D.tiny_dit("flux2", seed=6)
     a, b = refs_for(model, [1, 1])
     routed = people(FluxKVCache.execute(model).result[0], [1, 1], [1.0, 1.0], masks=region_masks(), outside="none")
-    inputs = BlockInputs()
+    inputs = D.BlockInputs()
     routed.set_model_attn1_patch(inputs)
     cond, x = cond_with(model, a + b), x_for(model)
     D.apply(routed, x, cond)

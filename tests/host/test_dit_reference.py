@@ -234,17 +234,6 @@ def test_the_cache_stays_within_its_byte_budget():
 
 # --- several identities ------------------------------------------------------------------------
 
-class BlockInputs:
-    def __init__(self):
-        self.blocks = []
-
-    def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
-        from IDFusion.models.dit.engine import CALL
-        call = extra_options[CALL]
-        self.blocks.append((q, k, v, pe, call, call.pending))
-        return {}
-
-
 def test_isolation_region_j_never_attends_to_identity_i_in_any_block(dit):
     """Probe each identity's reference values (1 on identity i, 0 elsewhere, the block's own values
     0): the image rows of the other region get exactly 0 of it, in every block."""
@@ -258,7 +247,7 @@ def test_isolation_region_j_never_attends_to_identity_i_in_any_block(dit):
     masks[1, :, SIZE * 4:] = 1
     feats = features(identity(dit, 11, label="a"), identity(dit, 12, label="b"))
     model = patched(dit, feats, mode=REGION, outside="none", masks=IdentityMasks(masks, ("a", "b")))
-    inputs = BlockInputs()
+    inputs = D.BlockInputs()
     model.set_model_attn1_patch(inputs)
     D.apply(model, D.latent(dit, SIZE, SIZE, seed=1), cond(dit))
     patch = dit.model.diffusion_model.patch_size

@@ -106,3 +106,17 @@ def apply(model, x: torch.Tensor, cond, sigma: float = 0.6, guidance: float = 3.
     c_crossattn = kwargs.pop("c_crossattn")
     return base.apply_model(x, torch.full((x.shape[0],), sigma), c_crossattn=c_crossattn, transformer_options=options,
                             **kwargs)
+
+
+class BlockInputs:
+    """An attn1_patch to register after IDFusion's: keeps every block's q, k, v, positions and the
+    call layout IDFusion recorded (for measuring isolation block by block)."""
+
+    def __init__(self):
+        self.blocks = []
+
+    def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
+        from IDFusion.models.dit.engine import CALL
+        call = extra_options[CALL]
+        self.blocks.append((q, k, v, pe, call, call.pending))
+        return {}
