@@ -10,7 +10,7 @@ from ..models.consistentid.checkpoint import EXTENSIONS, FOLDER
 from . import types
 from .api import io, ui
 from .loaders import register_folder
-from .reference import OUTSIDE_CHOICES, build_routing, check_patch_inputs
+from .reference import build_routing, check_patch_inputs, routing_inputs
 from .unet_blocks import (attention_processors, attn2_replace, set_attn2_replace, set_outer_sample_wrapper,
                           transformer_blocks)
 
@@ -245,7 +245,6 @@ def _one_face(node: str, consistentid, faces):
 class ConsistentIDApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..models.engine import IDENTITY_MODES, MODE_MIX
         return io.Schema(
             node_id="IDFusionConsistentIDApply",
             display_name="IDFusion ConsistentID Apply",
@@ -263,13 +262,7 @@ class ConsistentIDApply(io.ComfyNode):
                                tooltip="Scale of the ID-token attention (official: 1). 0 = no ID tokens."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of ConsistentID's LoRA on all attentions (official: 1). 0 = none."),
-                io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
-                               tooltip="Several people: mix them by weight, one per batch item, or one per region."),
-                io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
-                               tooltip="By region: queries outside every region attend to all people's ID tokens "
-                                       "(by weight) or to none."),
-                types.IdentityMasks.Input("identity_masks", optional=True,
-                                          tooltip="One region per person, from 'IDFusion Multi-ID Masks'."),
+                *routing_inputs(who="people", one="person"),
             ],
             outputs=[io.Model.Output(display_name="patched model",
                                      tooltip="The patched clone; the input MODEL is untouched.")],

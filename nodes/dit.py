@@ -12,7 +12,7 @@ import torch
 from .api import io
 
 from . import types
-from .reference import OUTSIDE_CHOICES, build_routing, disk_cache_folder
+from .reference import OUTSIDE_CHOICES, build_routing, disk_cache_folder, routing_inputs
 from .unet_blocks import get_option, set_option, set_outer_sample_wrapper
 
 logger = logging.getLogger("IDFusion")
@@ -165,7 +165,6 @@ def _empty_prompt(conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
 class DiTReferenceAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..models.engine import IDENTITY_MODES, MODE_MIX
         return io.Schema(
             node_id=REFERENCE_NODE,
             display_name="IDFusion DiT Reference Attention",
@@ -190,14 +189,7 @@ class DiTReferenceAttention(io.ComfyNode):
                 io.Combo.Input("reference_timestep", options=[TIMESTEP_CURRENT, TIMESTEP_ZERO], default=TIMESTEP_ZERO,
                                tooltip="Run the reference pass at the current timestep every step (FlashFace), or "
                                        "once at timestep zero and reuse it for the whole run (faster, less memory)."),
-                io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
-                               tooltip="Several identities: mix them by weight, one per batch item, or one per region "
-                                       "(needs identity_masks)."),
-                io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
-                               tooltip="By region: image tokens outside every region attend to all identities "
-                                       "(mixed) or none."),
-                types.IdentityMasks.Input("identity_masks", optional=True,
-                                          tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
+                *routing_inputs(where="image tokens"),
             ],
             outputs=[io.Model.Output(display_name="patched model",
                                      tooltip="The patched clone; the input MODEL is untouched.")],

@@ -11,7 +11,8 @@ from .api import io
 from . import types
 from .errors import from_input
 from .loaders import register_folder
-from .reference import OUTSIDE_CHOICES, add_to_plan, build_routing, check_features_fit, check_patch_inputs
+from .reference import (add_to_plan, build_routing, check_features_fit, check_patch_inputs,
+                        routing_inputs)
 from .unet_blocks import ALL, SELECTIONS, attn2_replace, block_table, select_blocks, set_attn2_replace, transformer_blocks
 
 logger = logging.getLogger("IDFusion")
@@ -31,7 +32,6 @@ def adapter_files() -> list[str]:
 class FusedKV(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..models.engine import IDENTITY_MODES, MODE_MIX
         return io.Schema(
             node_id=NODE,
             display_name=DISPLAY_NAME,
@@ -53,12 +53,7 @@ class FusedKV(io.ComfyNode):
                 io.Combo.Input("adapter", options=[TRAINING_FREE_ADAPTER] + adapter_files(), default=TRAINING_FREE_ADAPTER,
                                tooltip="Linear_kf/Linear_vf: training-free (the block's own self-attention key/value "
                                        "projections) or trained per-block weights from models/idfusion (see README)."),
-                io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
-                               tooltip="Several identities: mix them by weight, one per batch item, or one per region."),
-                io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
-                               tooltip="By region: queries outside every region attend to all identities or none."),
-                types.IdentityMasks.Input("identity_masks", optional=True,
-                                          tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
+                *routing_inputs(),
             ],
             outputs=[io.Model.Output(display_name="patched model",
                                      tooltip="The patched clone; the input MODEL is untouched.")],

@@ -17,6 +17,22 @@ logger = logging.getLogger("IDFusion")
 
 AUTO = "auto (FlashFace: decoder)"
 OUTSIDE_CHOICES = ("all", "none")
+
+
+def routing_inputs(who: str = "identities", one: str = "identity", where: str = "queries") -> list:
+    """identity_mode, outside and identity_masks: the inputs of every node that keeps several
+    identities apart (reference attention, fused KV, ConsistentID, DiT reference attention)."""
+    from ..models.engine import IDENTITY_MODES, MODE_MIX
+    return [
+        io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
+                       tooltip=f"Several {who}: mix them by weight, one per batch item, or one per region "
+                               f"(needs identity_masks)."),
+        io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
+                       tooltip=f"By region: {where} outside every region attend to all {who} (mixed by weight) "
+                               f"or to none."),
+        types.IdentityMasks.Input("identity_masks", optional=True,
+                                  tooltip=f"One region per {one}, from 'IDFusion Multi-ID Masks'."),
+    ]
 DISPLAY_NAME = "IDFusion Reference Attention"
 #: Model families by the host's model config class (and its bases), as users know them.
 FAMILY_NAMES = {"SD15": "SD1.5", "SD20": "SD2.x", "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SD3": "SD3"}
@@ -279,7 +295,6 @@ def check_position_mask(node: str, mask):
 class ReferenceAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..models.engine import IDENTITY_MODES, MODE_MIX
         return io.Schema(
             node_id="IDFusionReferenceAttention",
             display_name=DISPLAY_NAME,
@@ -300,14 +315,7 @@ class ReferenceAttention(io.ComfyNode):
                 io.Combo.Input("blocks", options=[AUTO, *SELECTIONS], default=AUTO,
                                tooltip="Which transformer blocks attend to the references. FlashFace weights exist "
                                        "for the decoder (middle + output) only."),
-                io.Combo.Input("identity_mode", options=list(IDENTITY_MODES), default=MODE_MIX,
-                               tooltip="Several identities: mix them by weight everywhere, one per batch item, or "
-                                       "one per region (needs identity_masks)."),
-                io.Combo.Input("outside", options=list(OUTSIDE_CHOICES), default="all",
-                               tooltip="By region: queries outside every region attend to all identities (mixed "
-                                       "by weight) or to none."),
-                types.IdentityMasks.Input("identity_masks", optional=True,
-                                          tooltip="One region per identity, from 'IDFusion Multi-ID Masks'."),
+                *routing_inputs(),
                 io.Mask.Input("position_mask", optional=True,
                               tooltip="Where the face goes, at the image size. FlashFace weights: the UNet's "
                                       "face-position channel. Training-free: references apply only inside."),
